@@ -1,0 +1,14 @@
+"""Architecture adapters, registered by ``config.model_type``."""
+
+from .base import Adapter, Stage, StageKind, get_adapter, register_adapter, registered_adapters, supported_model_types
+from . import llama, opt  # noqa: F401  (registration side effects)
+
+__all__ = [
+    "Adapter",
+    "Stage",
+    "StageKind",
+    "get_adapter",
+    "register_adapter",
+    "registered_adapters",
+    "supported_model_types",
+]

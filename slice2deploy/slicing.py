@@ -1,0 +1,263 @@
+"""The SliceGPT driver: fold, then rotate each residual position into its PCA basis and slice, layer by layer.
+
+Calibration activations are propagated through the *already sliced* model, so each basis is computed on the
+signal the sliced model really sees. Only the current position's activations (N × T × d, model dtype) and
+one d × d float64 covariance are held at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import Adapter, get_adapter
+from .fold import TieMode, fold_norms
+from .modeling import SlicedConfig, SlicedDecoderLayer, SlicedForCausalLM, SlicedRMSNorm
+from .pca import CovarianceAccumulator, pca_basis
+from .schedule import uniform_widths, validate_sparsity
+from .utils import UserInputError
+
+# basis(position, covariance) -> orthogonal d × d matrix (float64), columns sorted by importance
+BasisFn = Callable[[int, CovarianceAccumulator], torch.Tensor]
+
+
+@dataclass
+class SliceConfig:
+    """Everything that decides the result of ``slice_model`` (recorded in the sliced model's config)."""
+
+    sparsity: float = 0.25
+    round_to: int = 8
+    tie: TieMode = TieMode.KEEP
+    damping: float = 0.01
+    batch_size: int = 8
+    device: str = "cpu"
+    widths: list[int] | None = None  # explicit per-position widths (overrides sparsity/round_to)
+    version: int = 1
+    extra: dict = field(default_factory=dict)  # provenance (calibration source, seed, ...), stored verbatim
+
+    def __post_init__(self) -> None:
+        validate_sparsity(self.sparsity)
+        self.tie = TieMode(self.tie)
+        if self.round_to < 1:
+            raise UserInputError(f"round_to must be >= 1, got {self.round_to}")
+        if self.batch_size < 1:
+            raise UserInputError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.damping < 0:
+            raise UserInputError(f"damping must be >= 0, got {self.damping}")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["tie"] = self.tie.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SliceConfig:
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+@dataclass
+class _Batch:
+    hidden: torch.Tensor  # (B, T, width of the current position), on the storage device
+    mask: torch.Tensor  # (B, T) 1 = real token
+    kwargs: dict  # what the model passes to every decoder layer (masks, rotary embeddings, ...)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def capture_layer_inputs(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         batch_size: int, device: torch.device) -> list[_Batch]:
+    """Run the model up to its first decoder layer and keep that layer's inputs and keyword arguments."""
+    first_layer = adapter.get_layers(model)[0]
+    captured: dict = {}
+
+    def hook(module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        captured["kwargs"] = dict(kwargs)
+        raise _StopForward
+
+    batches = []
+    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[start : start + batch_size].to(device)
+            mask = attention_mask[start : start + batch_size].to(device)
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _StopForward:
+                pass
+            batches.append(_Batch(captured["hidden"].detach(), mask, captured["kwargs"]))
+    finally:
+        handle.remove()
+    return batches
+
+
+def _rotate_reader(linear: nn.Linear, basis: torch.Tensor) -> None:
+    """Reader ``y = W x``: ``W ← W Q`` (Q is d × k, the kept columns of the position's basis)."""
+    weight = linear.weight.detach().to(torch.float64)
+    linear.weight = nn.Parameter((weight @ basis).to(linear.weight.dtype))
+    linear.in_features = basis.shape[1]
+
+
+def _rotate_writer(linear: nn.Linear, basis: torch.Tensor) -> None:
+    """Writer ``y = W x + b`` into the stream: ``W ← Qᵀ W``, ``b ← Qᵀ b``."""
+    weight = linear.weight.detach().to(torch.float64)
+    linear.weight = nn.Parameter((basis.T @ weight).to(linear.weight.dtype))
+    if linear.bias is not None:
+        linear.bias = nn.Parameter((basis.T @ linear.bias.detach().to(torch.float64)).to(linear.bias.dtype))
+    linear.out_features = basis.shape[1]
+
+
+def _rotate_embedding(embedding: nn.Embedding, basis: torch.Tensor) -> None:
+    weight = embedding.weight.detach().to(torch.float64)
+    embedding.weight = nn.Parameter((weight @ basis).to(embedding.weight.dtype))
+    embedding.embedding_dim = basis.shape[1]
+
+
+def _project(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Activations into (or, with ``basis.T``, out of) a basis; float32 at least, stored in x's dtype."""
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return (x.to(compute) @ basis.to(device=x.device, dtype=compute)).to(x.dtype)
+
+
+def pca_basis_fn(damping: float) -> BasisFn:
+    def basis(position: int, covariance: CovarianceAccumulator) -> torch.Tensor:
+        return pca_basis(covariance.matrix, damping)[1]
+
+    return basis
+
+
+def _covariance_of(batches: list[_Batch], values: list[torch.Tensor], dim: int) -> CovarianceAccumulator:
+    covariance = CovarianceAccumulator(dim, device=values[0].device)
+    for batch, value in zip(batches, values):
+        covariance.add(value, batch.mask)
+    return covariance
+
+
+def _slice_stage(layer: SlicedDecoderLayer, stage: dict, readers: tuple[str, ...], writers: tuple[str, ...],
+                 batches: list[_Batch], basis_in: torch.Tensor, width_out: int, position: int,
+                 basis_fn: BasisFn) -> torch.Tensor:
+    """Rotate/slice one stage; ``batches[i].hidden`` moves from the input to the output position's basis."""
+    for path in readers:
+        _rotate_reader(layer.get_submodule(path), basis_in.to(torch.float64))
+    norm = getattr(layer, stage["norm"])
+    outputs = []
+    with torch.no_grad():
+        for batch in batches:
+            branch = layer.branch(stage, norm(batch.hidden), batch.kwargs)
+            outputs.append(_project(batch.hidden, basis_in.T) + branch)  # (B, T, d), source coordinates
+    basis_out = basis_fn(position, _covariance_of(batches, outputs, basis_in.shape[0]))[:, :width_out]
+    for path in writers:
+        _rotate_writer(layer.get_submodule(path), basis_out)
+    shortcut = layer.shortcut(stage)
+    shortcut.weight = nn.Parameter((basis_in.T @ basis_out).T.to(shortcut.weight.dtype))  # Q_inᵀ Q_out
+    for batch, output in zip(batches, outputs):
+        batch.hidden = _project(output, basis_out)
+    return basis_out
+
+
+def _finish_head(model: nn.Module, adapter: Adapter, tied: bool, basis_last: torch.Tensor,
+                 basis_first: torch.Tensor) -> None:
+    """The head reads the last position; a tied head reads the first basis through the final norm's mix."""
+    final_norm = model.get_submodule(adapter.final_norm)
+    if tied:
+        mix = final_norm.mix
+        weight = mix.weight.detach().to(torch.float64) @ basis_last  # reader of the last position
+        d = basis_first.shape[0]
+        rotated = torch.cat([basis_first.T @ weight[:d], weight[d:]], dim=0)  # writer into the first basis
+        mix.weight = nn.Parameter(rotated.to(mix.weight.dtype))
+        mix.in_features, mix.out_features = rotated.shape[1], rotated.shape[0]
+    else:
+        _rotate_reader(model.get_submodule(adapter.head), basis_last)
+
+
+def num_positions(adapter: Adapter, num_layers: int) -> int:
+    return num_layers * len(adapter.stages) + 1
+
+
+def _plan_widths(config: SliceConfig, d: int, positions: int) -> list[int]:
+    if config.widths is None:
+        return uniform_widths(d, positions, config.sparsity, config.round_to)
+    widths = [int(w) for w in config.widths]
+    if len(widths) != positions or not all(1 <= w <= d for w in widths):
+        raise UserInputError(f"explicit widths must be {positions} integers in [1, {d}]")
+    return widths
+
+
+def slice_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                config: SliceConfig, basis_fn: BasisFn | None = None, progress: bool = True) -> SlicedForCausalLM:
+    """Slice ``model`` (consumed: its modules are transformed in place) on the given calibration tokens.
+
+    ``basis_fn`` defaults to PCA of each position's calibration covariance; tests pass random orthogonal
+    bases to check that rotation alone is exact.
+    """
+    adapter = get_adapter(model.config)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    device = torch.device(config.device)
+    model.eval().to(device)
+    basis_fn = basis_fn or pca_basis_fn(config.damping)
+    started = time.perf_counter()
+    with torch.no_grad():
+        tied = fold_norms(model, adapter, config.tie)
+        d, eps = adapter.hidden_size(model.config), adapter.norm_eps(model.config)
+        layers = adapter.get_layers(model)
+        stages = [stage.as_dict() for stage in adapter.stages]
+        widths = _plan_widths(config, d, num_positions(adapter, len(layers)))
+        batches = capture_layer_inputs(model, adapter, input_ids, attention_mask, config.batch_size, device)
+        basis_first = basis_fn(0, _covariance_of(batches, [b.hidden for b in batches], d))[:, : widths[0]]
+        for path in adapter.embeddings:
+            _rotate_embedding(model.get_submodule(path), basis_first)
+        for batch in batches:
+            batch.hidden = _project(batch.hidden, basis_first)
+        basis = basis_first
+        position = 0
+        for index in tqdm(range(len(layers)), desc="slicing layers", disable=not progress):
+            layer_widths = widths[position : position + len(stages) + 1]
+            layer = SlicedDecoderLayer(layers[index], stages, layer_widths, [True] * len(stages), d, eps)
+            layers[index] = layer
+            for stage, declared in zip(stages, adapter.stages):
+                position += 1
+                basis = _slice_stage(layer, stage, declared.readers, declared.writers, batches, basis,
+                                     widths[position], position, basis_fn)
+        _finish_head(model, adapter, tied, basis, basis_first)
+    sliced_config = _sliced_config(model, adapter, config, widths, tied, d, eps)
+    sliced_config.slicing["seconds"] = round(time.perf_counter() - started, 3)
+    sliced = SlicedForCausalLM(sliced_config, base=model)
+    sliced.generation_config = model.generation_config
+    return sliced.eval()
+
+
+def _sliced_config(model: nn.Module, adapter: Adapter, config: SliceConfig, widths: list[int], tied: bool,
+                   d: int, eps: float) -> SlicedConfig:
+    head = model.get_submodule(adapter.head)
+    final_norm = model.get_submodule(adapter.final_norm)
+    num_layers = len(adapter.get_layers(model))
+    base_config = model.config.to_dict()
+    base_config["tie_word_embeddings"] = False
+    extra = getattr(head, "extra", None)
+    return SlicedConfig(
+        base_config=base_config,
+        original_hidden_size=d,
+        widths=list(widths),
+        layout=adapter.runtime_layout(),
+        shortcuts=[[True] * len(adapter.stages) for _ in range(num_layers)],
+        norm_eps=eps,
+        tie_head=tied,
+        head_bias=head.bias is not None,
+        final_mix=isinstance(final_norm, SlicedRMSNorm) and final_norm.mix is not None,
+        head_extra=0 if extra is None else int(extra.shape[1]),
+        slicing={"method": "slicegpt", "mode": "per-layer", **config.to_dict()},
+        architectures=["SlicedForCausalLM"],
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+    )
