@@ -1,0 +1,195 @@
+"""Public entry points: each CLI subcommand is a thin layer over one of these functions."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import MANIFEST_FILE, read_manifest, save_sliced, versions
+from .evaluate import count_parameters, perplexity
+from .slicing import SliceConfig, slice_model
+from .utils import UserInputError, check_output_dir, sha256_bytes
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class CalibrationConfig:
+    """Which text calibrates the PCA, and how much of it."""
+
+    source: str = "builtin"
+    samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise UserInputError(f"calibration samples must be >= 1, got {self.samples}")
+        if self.seqlen < 2:
+            raise UserInputError(f"calibration seqlen must be >= 2, got {self.seqlen}")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UserInputError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_device(device: str) -> str:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserInputError(f"--device {device} was asked for but no CUDA GPU is visible to PyTorch")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise UserInputError(f"unknown device {device!r}; use cpu or cuda[:N]")
+    return device
+
+
+def model_context(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def load(spec: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
+    """Load any model slice2deploy accepts (built-in alias, hub id, local or sliced directory, GGUF file)."""
+    from .sources import load_model
+
+    model, tokenizer, resolved = load_model(spec, dtype=torch_dtype(dtype), device=check_device(device),
+                                            trust_remote_code=trust_remote_code)
+    return model, tokenizer, resolved
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def slice_pretrained(model_spec: str, output: str | Path, config: SliceConfig, calibration: CalibrationConfig,
+                     dtype: str = "float32", overwrite: bool = False, progress: bool = True,
+                     trust_remote_code: bool = False) -> dict:
+    """Load ``model_spec``, slice it on calibration text and save an HF checkpoint at ``output``; return a summary."""
+    from .data import calibration_batch, load_text
+
+    check_output_dir(output, overwrite)  # fail before any expensive work
+    started = time.perf_counter()
+    model, tokenizer, resolved = load(model_spec, dtype, config.device, trust_remote_code)
+    context = model_context(model.config)
+    if context is not None and calibration.seqlen > context:
+        raise UserInputError(f"calibration seqlen {calibration.seqlen} exceeds the model's context of {context} tokens")
+    text = load_text(calibration.source, "calibration")
+    input_ids, attention_mask = calibration_batch(tokenizer, text, calibration.samples, calibration.seqlen,
+                                                  calibration.seed)
+    dense_parameters = count_parameters(model)
+    loaded = time.perf_counter()
+    config.extra = {**config.extra, "calibration": {
+        **asdict(calibration), "text_sha256": text.sha256, "tokens_sha256": sha256_bytes(input_ids.numpy().tobytes()),
+    }}
+    sliced = slice_model(model, input_ids, attention_mask, config, progress=progress)
+    slicing_seconds = time.perf_counter() - loaded
+    sliced.config.slicing["source"] = {"spec": model_spec, "kind": resolved.kind, "sha256": resolved.sha256}
+    sliced_parameters = count_parameters(sliced)
+    summary = {
+        "output": str(Path(output).resolve()),
+        "widths": sliced.config.widths,
+        "parameters": {"dense": dense_parameters, "sliced": sliced_parameters},
+        "seconds": {"load_and_calibration_data": round(loaded - started, 2), "slicing": round(slicing_seconds, 2)},
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+    }
+    manifest = {
+        "source_model": {"spec": model_spec, "kind": resolved.kind, "path": resolved.path,
+                         "gguf_file": resolved.gguf_file, "sha256": resolved.sha256},
+        "calibration": {**asdict(calibration), "split": "calibration", "text_name": text.name,
+                        "text_sha256": text.sha256, "tokens_sha256": config.extra["calibration"]["tokens_sha256"]},
+        "slice_config": config.to_dict(),
+        "dtype": dtype,
+        **summary,
+    }
+    save_sliced(sliced, tokenizer, output, manifest, overwrite=overwrite)
+    return summary
+
+
+def evaluate_pretrained(model_spec: str, data: str = "builtin", seqlen: int = 512, batch_size: int = 4,
+                        max_tokens: int | None = None, dtype: str = "float32", device: str = "cpu",
+                        progress: bool = True, trust_remote_code: bool = False) -> dict:
+    """Perplexity of a model on the evaluation split of ``data``, with its parameter count."""
+    from .data import load_text, token_stream
+
+    model, tokenizer, resolved = load(model_spec, dtype, device, trust_remote_code)
+    context = model_context(model.config)
+    if context is not None and seqlen > context:
+        raise UserInputError(f"seqlen {seqlen} exceeds the model's context of {context} tokens")
+    text = load_text(data, "evaluation")
+    result = perplexity(model, token_stream(tokenizer, text), seqlen=seqlen, batch_size=batch_size,
+                        max_tokens=max_tokens, progress=progress)
+    return {
+        "model": model_spec,
+        "data": text.name,
+        "data_sha256": text.sha256,
+        **result.to_dict(),
+        "parameters": count_parameters(model)["total"],
+        "dtype": dtype,
+        "device": device,
+        "versions": versions(),
+    }
+
+
+def generate_text(model_spec: str, prompt: str, max_new_tokens: int = 32, chat: bool = False,
+                  dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False) -> str:
+    """Greedy continuation of ``prompt`` (with the KV cache)."""
+    if max_new_tokens < 1:
+        raise UserInputError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
+    model, tokenizer, _ = load(model_spec, dtype, device, trust_remote_code)
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = prompt
+    inputs = tokenizer(text, return_tensors="pt").to(device)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def describe_checkpoint(directory: str | Path) -> dict:
+    """Widths, parameter counts (read from the safetensors headers) and manifest of a model directory."""
+    from safetensors import safe_open
+
+    path = Path(directory)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserInputError(f"{path} is not a model directory (no config.json)")
+    config = json.loads(config_file.read_text())
+    weight_files = sorted(path.glob("*.safetensors"))
+    parameters = 0
+    for weight_file in weight_files:
+        with safe_open(weight_file, "pt") as handle:
+            for key in handle.keys():
+                parameters += int(torch.Size(handle.get_slice(key).get_shape()).numel())
+    info = {
+        "directory": str(path.resolve()),
+        "model_type": config.get("model_type"),
+        "parameters": parameters if weight_files else None,
+        "size_bytes": sum(f.stat().st_size for f in weight_files),
+    }
+    if "widths" in config:
+        widths = config["widths"]
+        info.update({
+            "source_model_type": config["base_config"]["model_type"],
+            "original_hidden_size": config["original_hidden_size"],
+            "widths": widths,
+            "width_range": [min(widths), max(widths)],
+            "tie_head": config.get("tie_head"),
+            "slicing": config.get("slicing"),
+        })
+    manifest = read_manifest(path)
+    if manifest is not None:
+        info["manifest"] = {k: manifest.get(k) for k in ("created", "command", "versions", "source_model",
+                                                           "calibration", "parameters", "seconds")}
+        info["manifest_file"] = MANIFEST_FILE
+    return info

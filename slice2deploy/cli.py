@@ -1,0 +1,156 @@
+"""``slice2deploy`` command line: each subcommand builds a config and calls one function of ``slice2deploy.api``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .utils import Slice2DeployError
+
+MODEL_HELP = "built-in alias (smollm2-135m), Hugging Face hub id, local model directory or .gguf file"
+DATA_HELP = "builtin (bundled Wikipedia text), a local .txt/.jsonl file, or a datasets name (wikitext2, c4, ptb, alpaca)"
+
+
+def _add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    group.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    group.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
+
+
+def _slice_parser(sub) -> None:
+    parser = sub.add_parser("slice", help="slice a model with SliceGPT and save a Hugging Face checkpoint",
+                            description="Fold norms, rotate every residual position into its PCA basis and delete "
+                                        "the low-variance directions. Writes an HF model directory.")
+    parser.add_argument("model", help=MODEL_HELP)
+    parser.add_argument("-o", "--output", required=True, help="output directory (must be empty or absent)")
+    parser.add_argument("--sparsity", type=float, required=True, help="fraction of the hidden size to delete, in [0, 1)")
+    parser.add_argument("--round-to", type=int, default=8, help="round widths down to a multiple of this (default 8)")
+    parser.add_argument("--tie", default="keep", choices=["keep", "untie"],
+                        help="tied embeddings: keep the tie (fewer parameters) or untie the head (default keep)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    calib = parser.add_argument_group("calibration")
+    calib.add_argument("--calib", default="builtin", help=DATA_HELP + " (calibration split)")
+    calib.add_argument("--calib-samples", type=int, default=128, help="number of calibration sequences (default 128)")
+    calib.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    calib.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default 0)")
+    calib.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward (default 8)")
+    _add_runtime_args(parser)
+    parser.set_defaults(handler=_run_slice)
+
+
+def _eval_parser(sub) -> None:
+    parser = sub.add_parser("eval", help="perplexity of a model or sliced checkpoint",
+                            description="Perplexity over consecutive non-overlapping windows of --seqlen tokens "
+                                        "covering the whole evaluation text.")
+    parser.add_argument("model", help=MODEL_HELP + ", or a sliced checkpoint")
+    parser.add_argument("--data", default="builtin", help=DATA_HELP + " (evaluation split)")
+    parser.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default 512)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_runtime_args(parser)
+    parser.set_defaults(handler=_run_eval)
+
+
+def _generate_parser(sub) -> None:
+    parser = sub.add_parser("generate", help="greedy text generation (KV cache)")
+    parser.add_argument("model", help=MODEL_HELP + ", or a sliced checkpoint")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    _add_runtime_args(parser)
+    parser.set_defaults(handler=_run_generate)
+
+
+def _info_parser(sub) -> None:
+    parser = sub.add_parser("info", help="widths, parameter count and manifest of a model directory")
+    parser.add_argument("directory")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(handler=_run_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slice2deploy", description="Slice LLMs (SliceGPT) and deploy them.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_slice_parser, _eval_parser, _generate_parser, _info_parser):
+        add(sub)
+    return parser
+
+
+def _run_slice(args: argparse.Namespace) -> int:
+    from .api import CalibrationConfig, slice_pretrained
+    from .slicing import SliceConfig
+
+    config = SliceConfig(sparsity=args.sparsity, round_to=args.round_to, tie=args.tie, device=args.device,
+                         batch_size=args.batch_size)
+    calibration = CalibrationConfig(source=args.calib, samples=args.calib_samples, seqlen=args.calib_seqlen,
+                                    seed=args.seed)
+    summary = slice_pretrained(args.model, args.output, config, calibration, dtype=args.dtype,
+                               overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+    dense, sliced = summary["parameters"]["dense"]["total"], summary["parameters"]["sliced"]["total"]
+    widths = summary["widths"]
+    print(f"saved {summary['output']}")
+    print(f"widths {min(widths)}..{max(widths)} of {len(widths)} positions; parameters {dense:,} -> {sliced:,} "
+          f"({sliced / dense:.1%}); slicing {summary['seconds']['slicing']:.1f} s; peak RSS "
+          f"{summary['peak_rss_mb']:.0f} MB")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .api import evaluate_pretrained
+
+    result = evaluate_pretrained(args.model, data=args.data, seqlen=args.seqlen, batch_size=args.batch_size,
+                                 max_tokens=args.max_tokens, dtype=args.dtype, device=args.device,
+                                 trust_remote_code=args.trust_remote_code, progress=not args.json)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(f"perplexity {result['perplexity']:.3f} on {result['data']} ({result['predicted_tokens']:,} predicted "
+              f"tokens, {result['windows']} windows of {result['seqlen']}); parameters {result['parameters']:,}")
+    return 0
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from .api import generate_text
+
+    text = generate_text(args.model, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
+                         dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    print(text if args.chat else args.prompt + text)
+    return 0
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from .api import describe_checkpoint
+
+    info = describe_checkpoint(args.directory)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True, default=str))
+        return 0
+    print(f"{info['directory']}: {info['model_type']}, {info['parameters']:,} parameters, "
+          f"{info['size_bytes'] / 2**20:.1f} MiB of weights")
+    if "widths" in info:
+        print(f"source {info['source_model_type']}, hidden size {info['original_hidden_size']}, widths "
+              f"{info['width_range'][0]}..{info['width_range'][1]} over {len(info['widths'])} positions, "
+              f"tied head: {info['tie_head']}")
+        print("widths: " + " ".join(str(w) for w in info["widths"]))
+    if "manifest" in info:
+        print("manifest: " + json.dumps(info["manifest"], sort_keys=True, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except Slice2DeployError as error:
+        print(f"slice2deploy {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
