@@ -23,7 +23,8 @@ from .pca import CovarianceAccumulator, pca_basis
 from .schedule import uniform_widths, validate_sparsity
 from .utils import UserInputError
 
-# basis(position, covariance) -> orthogonal d × d matrix (float64), columns sorted by importance
+# basis(position, covariance) -> orthogonal d × d matrix (float64) in the covariance's coordinates, columns sorted
+# by importance (PCA: eigenvectors by decreasing eigenvalue)
 BasisFn = Callable[[int, CovarianceAccumulator], torch.Tensor]
 
 
@@ -145,25 +146,35 @@ def _covariance_of(batches: list[_Batch], values: list[torch.Tensor], dim: int) 
 
 
 def _slice_stage(layer: SlicedDecoderLayer, stage: dict, readers: tuple[str, ...], writers: tuple[str, ...],
-                 batches: list[_Batch], basis_in: torch.Tensor, width_out: int, position: int,
+                 batches: list[_Batch], basis: torch.Tensor, width_in: int, width_out: int, position: int,
                  basis_fn: BasisFn) -> torch.Tensor:
-    """Rotate/slice one stage; ``batches[i].hidden`` moves from the input to the output position's basis."""
+    """Rotate/slice one stage and return the full d × d basis of its output position.
+
+    ``basis`` is the input position's basis in source coordinates; ``batches[i].hidden`` holds the input in
+    its first ``width_in`` coordinates and is moved to the output basis. The writers are first expressed in
+    the input basis, so the stage output ``y = [x, 0] + branch`` needs no projection back to source
+    coordinates; the output basis is found in input-basis coordinates and composed with ``basis``.
+    """
     for path in readers:
-        _rotate_reader(layer.get_submodule(path), basis_in.to(torch.float64))
+        _rotate_reader(layer.get_submodule(path), basis[:, :width_in])
+    for path in writers:
+        _rotate_writer(layer.get_submodule(path), basis)
     norm = getattr(layer, stage["norm"])
     outputs = []
     with torch.no_grad():
         for batch in batches:
-            branch = layer.branch(stage, norm(batch.hidden), batch.kwargs)
-            outputs.append(_project(batch.hidden, basis_in.T) + branch)  # (B, T, d), source coordinates
-    basis_out = basis_fn(position, _covariance_of(batches, outputs, basis_in.shape[0]))[:, :width_out]
+            output = layer.branch(stage, norm(batch.hidden), batch.kwargs)  # (B, T, d), input-basis coordinates
+            output[..., :width_in] += batch.hidden
+            outputs.append(output)
+    relative = basis_fn(position, _covariance_of(batches, outputs, basis.shape[0]))  # d × d, input coordinates
+    kept = relative[:, :width_out]
     for path in writers:
-        _rotate_writer(layer.get_submodule(path), basis_out)
+        _rotate_writer(layer.get_submodule(path), kept)
     shortcut = layer.shortcut(stage)
-    shortcut.weight = nn.Parameter((basis_in.T @ basis_out).T.to(shortcut.weight.dtype))  # Q_inᵀ Q_out
+    shortcut.weight = nn.Parameter(kept[:width_in].T.contiguous().to(shortcut.weight.dtype))  # (Q_inᵀ Q_out)ᵀ
     for batch, output in zip(batches, outputs):
-        batch.hidden = _project(output, basis_out)
-    return basis_out
+        batch.hidden = _project(output, kept)
+    return basis @ relative
 
 
 def _finish_head(model: nn.Module, adapter: Adapter, tied: bool, basis_last: torch.Tensor,
@@ -215,12 +226,12 @@ def slice_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         stages = [stage.as_dict() for stage in adapter.stages]
         widths = _plan_widths(config, d, num_positions(adapter, len(layers)))
         batches = capture_layer_inputs(model, adapter, input_ids, attention_mask, config.batch_size, device)
-        basis_first = basis_fn(0, _covariance_of(batches, [b.hidden for b in batches], d))[:, : widths[0]]
+        basis = basis_fn(0, _covariance_of(batches, [b.hidden for b in batches], d))  # source coordinates
+        basis_first = basis[:, : widths[0]]
         for path in adapter.embeddings:
             _rotate_embedding(model.get_submodule(path), basis_first)
         for batch in batches:
             batch.hidden = _project(batch.hidden, basis_first)
-        basis = basis_first
         position = 0
         for index in tqdm(range(len(layers)), desc="slicing layers", disable=not progress):
             layer_widths = widths[position : position + len(stages) + 1]
@@ -229,8 +240,8 @@ def slice_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
             for stage, declared in zip(stages, adapter.stages):
                 position += 1
                 basis = _slice_stage(layer, stage, declared.readers, declared.writers, batches, basis,
-                                     widths[position], position, basis_fn)
-        _finish_head(model, adapter, tied, basis, basis_first)
+                                     widths[position - 1], widths[position], position, basis_fn)
+        _finish_head(model, adapter, tied, basis[:, : widths[-1]], basis_first)
     sliced_config = _sliced_config(model, adapter, config, widths, tied, d, eps)
     sliced_config.slicing["seconds"] = round(time.perf_counter() - started, 3)
     sliced = SlicedForCausalLM(sliced_config, base=model)
