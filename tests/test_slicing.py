@@ -48,17 +48,19 @@ def test_sparsity_outside_range_is_refused(bad):
 def test_shapes_follow_the_widths(model_type):
     sliced = _sliced(model_type)
     config = sliced.config
-    k = uniform_width(config.original_hidden_size, 0.25)
-    assert config.widths == [k] * (2 * config.num_hidden_layers + 1)
+    d, k = config.original_hidden_size, uniform_width(config.original_hidden_size, 0.25)
+    first = d if config.tie_head else k  # a tied head keeps the embedding position whole
+    assert config.widths == [first] + [k] * (2 * config.num_hidden_layers)
     layout = config.layout
-    assert sliced.base.get_submodule(layout["embeddings"][0]).weight.shape[1] == k
-    for layer in sliced.base.get_submodule(layout["layers"]):
-        for stage in layout["stages"]:
+    assert sliced.base.get_submodule(layout["embeddings"][0]).weight.shape[1] == first
+    for index, layer in enumerate(sliced.base.get_submodule(layout["layers"])):
+        widths = config.layer_widths(index)
+        for position, stage in enumerate(layout["stages"]):
             for path in layout["readers"][stage["name"]]:
-                assert layer.get_submodule(path).weight.shape[1] == k
+                assert layer.get_submodule(path).weight.shape[1] == widths[position]
             for path in layout["writers"][stage["name"]]:
-                assert layer.get_submodule(path).weight.shape[0] == k
-            assert layer.shortcut(stage).weight.shape == (k, k)
+                assert layer.get_submodule(path).weight.shape[0] == widths[position + 1] == k
+            assert layer.shortcut(stage).weight.shape == (widths[position + 1], widths[position])
         assert layer.self_attn.k_proj.weight.shape[0] == tiny_model(model_type).get_submodule(
             layout["layers"])[0].self_attn.k_proj.weight.shape[0], "attention internals must not change"
 
@@ -70,14 +72,16 @@ def test_parameter_counts_are_honest(tie):
     sliced = _sliced("llama", tie=tie)
     counts = count_parameters(sliced)
     cfg = sliced.config
-    d, k, L, vocab = cfg.original_hidden_size, cfg.widths[0], cfg.num_hidden_layers, cfg.vocab_size
-    assert counts["shortcuts"] == L * 2 * k * k
-    assert counts["embeddings"] == vocab * k
+    d, k, L, vocab = cfg.original_hidden_size, cfg.widths[-1], cfg.num_hidden_layers, cfg.vocab_size
+    first = cfg.widths[0]
+    assert first == (d if tie == "keep" else k)
+    assert counts["shortcuts"] == first * k + (2 * L - 1) * k * k
+    assert counts["embeddings"] == vocab * first
     assert counts["head"] == (0 if tie == "keep" else vocab * k)
     assert counts["total"] == sum(p.numel() for p in sliced.parameters())
     assert dense_count["embeddings"] == vocab * d and dense_count["head"] == 0  # tied: counted once
     if tie == "keep":
-        assert cfg.tie_head and counts["other"] == k * k  # the final norm's mix matrix
+        assert cfg.tie_head and counts["other"] == k * d  # the final norm's mix matrix
     else:
         assert not cfg.tie_head
 
