@@ -65,7 +65,8 @@ def run_one(args: argparse.Namespace) -> dict:
         sliced_at = time.perf_counter()
         model = slice_model(model, ids, mask, SliceConfig(sparsity=args.sparsity, tie=args.tie), progress=False)
         record.update(variant=f"sliced-{args.sparsity:g}", sparsity=args.sparsity,
-                      slicing_seconds=round(time.perf_counter() - sliced_at, 2), widths=sorted(set(model.config.widths)),
+                      slicing_seconds=round(time.perf_counter() - sliced_at, 2),
+                      widths=sorted(set(model.config.widths)),
                       calibration={"source": args.calib, "samples": args.calib_samples, "seqlen": args.calib_seqlen,
                                    "seed": args.seed})
     rss_after_slicing = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

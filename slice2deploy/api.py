@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import resource
 import time
@@ -113,42 +114,70 @@ def slice_pretrained(model_spec: str, output: str | Path, config: SliceConfig, c
     return summary
 
 
+def is_onnx_dir(spec: str | Path) -> bool:
+    """Whether ``spec`` is an ONNX export directory (``slice2deploy export onnx``): it holds model.onnx, or at least
+    the export manifest (then the ONNX runner explains what is missing)."""
+    path = Path(spec).expanduser()
+    return path.is_dir() and any((path / name).is_file() for name in ("model.onnx", "slice2deploy_onnx_manifest.json"))
+
+
 def evaluate_pretrained(model_spec: str, data: str = "builtin", seqlen: int = 512, batch_size: int = 4,
                         max_tokens: int | None = None, dtype: str = "float32", device: str = "cpu",
                         progress: bool = True, trust_remote_code: bool = False) -> dict:
-    """Perplexity of a model on the evaluation split of ``data``, with its parameter count."""
+    """Perplexity of a model (or of an ONNX export, in ONNX Runtime) on the evaluation split of ``data``, with its
+    parameter count."""
     from .data import load_text, token_stream
 
-    model, tokenizer, resolved = load(model_spec, dtype, device, trust_remote_code)
-    context = model_context(model.config)
+    if is_onnx_dir(model_spec):
+        from exporters.ort import OrtCausalLM, runtime_versions
+
+        model = OrtCausalLM(model_spec, provider=device)
+        tokenizer, context, evaluate = model.tokenizer(), model.context_length, model.perplexity
+        parameters, dtype, backend, library_versions = model.parameters, model.dtype, "onnxruntime", runtime_versions()
+    else:
+        model, tokenizer, resolved = load(model_spec, dtype, device, trust_remote_code)
+        context, evaluate = model_context(model.config), functools.partial(perplexity, model)
+        parameters, backend, library_versions = count_parameters(model)["total"], "pytorch", versions()
     if context is not None and seqlen > context:
         raise UserInputError(f"seqlen {seqlen} exceeds the model's context of {context} tokens")
     text = load_text(data, "evaluation")
-    result = perplexity(model, token_stream(tokenizer, text), seqlen=seqlen, batch_size=batch_size,
-                        max_tokens=max_tokens, progress=progress)
+    result = evaluate(token_stream(tokenizer, text), seqlen=seqlen, batch_size=batch_size, max_tokens=max_tokens,
+                      progress=progress)
     return {
         "model": model_spec,
         "data": text.name,
         "data_sha256": text.sha256,
         **result.to_dict(),
-        "parameters": count_parameters(model)["total"],
+        "parameters": parameters,
         "dtype": dtype,
         "device": device,
-        "versions": versions(),
+        "backend": backend,
+        "versions": library_versions,
     }
 
 
 def generate_text(model_spec: str, prompt: str, max_new_tokens: int = 32, chat: bool = False,
                   dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False) -> str:
-    """Greedy continuation of ``prompt`` (with the KV cache)."""
+    """Greedy continuation of ``prompt`` (with the KV cache); ONNX export directories run in ONNX Runtime."""
     if max_new_tokens < 1:
         raise UserInputError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
-    model, tokenizer, _ = load(model_spec, dtype, device, trust_remote_code)
+    onnx = is_onnx_dir(model_spec)
+    if onnx:
+        from exporters.ort import OrtCausalLM
+
+        model = OrtCausalLM(model_spec, provider=device)
+        tokenizer = model.tokenizer()
+    else:
+        model, tokenizer, _ = load(model_spec, dtype, device, trust_remote_code)
     if chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
     else:
         text = prompt
+    if onnx:
+        ids = tokenizer(text, return_tensors="np")["input_ids"]
+        output = model.generate(ids, max_new_tokens, eos_token_id=model.eos_token_ids() or tokenizer.eos_token_id)
+        return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
     inputs = tokenizer(text, return_tensors="pt").to(device)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
@@ -165,6 +194,14 @@ def describe_checkpoint(directory: str | Path) -> dict:
     if not config_file.is_file():
         raise UserInputError(f"{path} is not a model directory (no config.json)")
     config = json.loads(config_file.read_text())
+    if is_onnx_dir(path):
+        from exporters.ort import graph_summary
+
+        summary = graph_summary(path / "model.onnx")
+        sizes = [p.stat().st_size for p in path.iterdir() if p.suffix in (".onnx", ".data", ".onnx_data")]
+        manifests = {p.name: json.loads(p.read_text()) for p in path.glob("slice2deploy_*manifest.json")}
+        return {"directory": str(path.resolve()), "model_type": f"onnx ({config.get('model_type')})",
+                "parameters": summary["parameters"], "size_bytes": sum(sizes), "manifests": manifests}
     weight_files = sorted(path.glob("*.safetensors"))
     parameters = 0
     for weight_file in weight_files:

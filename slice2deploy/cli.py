@@ -9,7 +9,9 @@ import sys
 from .utils import Slice2DeployError
 
 MODEL_HELP = "built-in alias (smollm2-135m), Hugging Face hub id, local model directory or .gguf file"
-DATA_HELP = "builtin (bundled Wikipedia text), a local .txt/.jsonl file, or a datasets name (wikitext2, c4, ptb, alpaca)"
+DATA_HELP = (
+    "builtin (bundled Wikipedia text), a local .txt/.jsonl file, or a datasets name (wikitext2, c4, ptb, alpaca)"
+)
 
 
 def _add_runtime_args(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +27,8 @@ def _slice_parser(sub) -> None:
                                         "the low-variance directions. Writes an HF model directory.")
     parser.add_argument("model", help=MODEL_HELP)
     parser.add_argument("-o", "--output", required=True, help="output directory (must be empty or absent)")
-    parser.add_argument("--sparsity", type=float, required=True, help="fraction of the hidden size to delete, in [0, 1)")
+    parser.add_argument("--sparsity", type=float, required=True,
+                        help="fraction of the hidden size to delete, in [0, 1)")
     parser.add_argument("--round-to", type=int, default=8, help="round widths down to a multiple of this (default 8)")
     parser.add_argument("--tie", default="keep", choices=["keep", "untie"],
                         help="tied embeddings: keep the tie (fewer parameters) or untie the head (default keep)")
@@ -44,7 +47,7 @@ def _eval_parser(sub) -> None:
     parser = sub.add_parser("eval", help="perplexity of a model or sliced checkpoint",
                             description="Perplexity over consecutive non-overlapping windows of --seqlen tokens "
                                         "covering the whole evaluation text.")
-    parser.add_argument("model", help=MODEL_HELP + ", or a sliced checkpoint")
+    parser.add_argument("model", help=MODEL_HELP + ", a sliced checkpoint or an ONNX export directory")
     parser.add_argument("--data", default="builtin", help=DATA_HELP + " (evaluation split)")
     parser.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default 512)")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -56,12 +59,54 @@ def _eval_parser(sub) -> None:
 
 def _generate_parser(sub) -> None:
     parser = sub.add_parser("generate", help="greedy text generation (KV cache)")
-    parser.add_argument("model", help=MODEL_HELP + ", or a sliced checkpoint")
+    parser.add_argument("model", help=MODEL_HELP + ", a sliced checkpoint or an ONNX export directory")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     _add_runtime_args(parser)
     parser.set_defaults(handler=_run_generate)
+
+
+def _export_parser(sub) -> None:
+    parser = sub.add_parser("export", help="export a model for deployment (onnx)",
+                            description="Export any model slice2deploy loads (dense, sliced, GGUF) for a runtime.")
+    formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    onnx = formats.add_parser("onnx", help="ONNX graph with the KV cache, checked against PyTorch in ONNX Runtime",
+                              description="Export to ONNX (inputs input_ids, attention_mask, position_ids, "
+                                          "past_key_values.*; outputs logits, present.*; dynamic batch, sequence and "
+                                          "past axes). The export is kept only if ONNX Runtime matches PyTorch.")
+    onnx.add_argument("model", help=MODEL_HELP + ", or a sliced checkpoint")
+    onnx.add_argument("-o", "--output", required=True, help="output directory (must be empty or absent)")
+    onnx.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    onnx.add_argument("--opset", type=int, default=None, help="ONNX opset, >= 17 (default 18)")
+    onnx.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"],
+                      help="torch.onnx exporter (default torchscript: fast and checked; dynamo needs onnxscript)")
+    onnx.add_argument("--external-data", default="auto", choices=["auto", "always", "never"],
+                      help="weights in model.onnx.data: auto = above 1.5 GB (default auto)")
+    onnx.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    onnx.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
+    onnx.set_defaults(handler=_run_export_onnx)
+
+
+def _quantize_parser(sub) -> None:
+    parser = sub.add_parser("quantize", help="INT8 / INT4 quantization of an ONNX export (ONNX Runtime)",
+                            description="Quantize the weight MatMuls of an exported model. The result is kept only "
+                                        "if its logits stay above a signal-to-noise floor on calibration text; "
+                                        "layers left in float are counted in the manifest.")
+    parser.add_argument("onnx_dir", help="a directory written by `slice2deploy export onnx`")
+    parser.add_argument("-o", "--output", required=True)
+    parser.add_argument("--mode", required=True, choices=["int8-dynamic", "int8-static", "int4"])
+    parser.add_argument("--block-size", type=int, default=32,
+                        help="INT4 block size along K (default 32); slice with --round-to equal to it")
+    parser.add_argument("--method", default="rtn", choices=["rtn", "hqq"], help="INT4 weight quantizer (default rtn)")
+    parser.add_argument("--quantize-head", action="store_true", help="also quantize an untied lm_head")
+    parser.add_argument("--keep-shortcuts", action="store_true", help="keep residual shortcut matrices in float")
+    parser.add_argument("--calib", default="builtin", help=DATA_HELP + " (int8-static ranges and the quality gate)")
+    parser.add_argument("--calib-samples", type=int, default=8)
+    parser.add_argument("--calib-seqlen", type=int, default=128)
+    parser.add_argument("--snr-floor", type=float, default=None, help="reject below this logits SNR in dB")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.set_defaults(handler=_run_quantize)
 
 
 def _info_parser(sub) -> None:
@@ -74,7 +119,7 @@ def _info_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slice2deploy", description="Slice LLMs (SliceGPT) and deploy them.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_slice_parser, _eval_parser, _generate_parser, _info_parser):
+    for add in (_slice_parser, _eval_parser, _generate_parser, _export_parser, _quantize_parser, _info_parser):
         add(sub)
     return parser
 
@@ -121,6 +166,38 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_export_onnx(args: argparse.Namespace) -> int:
+    from exporters.onnx import OnnxExportConfig, export_pretrained
+
+    external = {"auto": None, "always": True, "never": False}[args.external_data]
+    options = {"opset": args.opset} if args.opset is not None else {}
+    config = OnnxExportConfig(dtype=args.dtype, exporter=args.exporter, external_data=external, **options)
+    manifest = export_pretrained(args.model, args.output, config, overwrite=args.overwrite,
+                                 trust_remote_code=args.trust_remote_code)
+    parity = manifest["parity"]
+    print(f"saved {manifest['output']} ({manifest['dtype']}, opset {manifest['opset']}, {manifest['exporter']} "
+          f"exporter, external data: {manifest['external_data']}) in {manifest['seconds']['export']:.1f} s")
+    print(f"parity vs PyTorch: max |Δ| {parity['max_abs_diff']:.3g} over {', '.join(parity['cases'])} "
+          f"(atol {parity['tolerance']['atol']:g}, rtol {parity['tolerance']['rtol']:g})")
+    return 0
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from exporters.quantize import QuantConfig, quantize_onnx
+
+    config = QuantConfig(mode=args.mode, block_size=args.block_size, method=args.method,
+                         quantize_head=args.quantize_head, quantize_shortcuts=not args.keep_shortcuts,
+                         calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+                         snr_floor_db=args.snr_floor)
+    manifest = quantize_onnx(args.onnx_dir, args.output, config, overwrite=args.overwrite)
+    size = manifest["size_bytes"]
+    print(f"saved {args.output}: {manifest['quantized_matmuls']} MatMuls quantized ({args.mode}), "
+          f"{manifest['unquantized_count']} left in float; {size['source'] / 2**20:.1f} -> "
+          f"{size['quantized'] / 2**20:.1f} MiB; logits SNR {manifest['logits_snr_db']:.1f} dB "
+          f"(floor {manifest['snr_floor_db']:.1f})")
+    return 0
+
+
 def _run_info(args: argparse.Namespace) -> int:
     from .api import describe_checkpoint
 
@@ -128,7 +205,8 @@ def _run_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True, default=str))
         return 0
-    print(f"{info['directory']}: {info['model_type']}, {info['parameters']:,} parameters, "
+    parameters = "unknown" if info["parameters"] is None else f"{info['parameters']:,}"
+    print(f"{info['directory']}: {info['model_type']}, {parameters} parameters, "
           f"{info['size_bytes'] / 2**20:.1f} MiB of weights")
     if "widths" in info:
         print(f"source {info['source_model_type']}, hidden size {info['original_hidden_size']}, widths "

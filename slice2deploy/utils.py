@@ -64,6 +64,9 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     final = check_output_dir(path, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result is an ordinary directory
     try:
         yield tmp
     except BaseException:

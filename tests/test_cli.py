@@ -86,7 +86,8 @@ def test_non_empty_output_is_refused_unless_overwrite(tiny_llama_dir, tiny_text_
 
 def test_calibration_longer_than_context(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
     _fails(["slice", str(tiny_llama_dir), "--sparsity", "0.25", "-o", str(tmp_path / "o"), "--calib",
-            str(tiny_text_file), "--calib-samples", "2", "--calib-seqlen", "4096"], capsys, "exceeds the model's context")
+            str(tiny_text_file), "--calib-samples", "2", "--calib-seqlen", "4096"], capsys,
+           "exceeds the model's context")
     assert not (tmp_path / "o").exists()
 
 

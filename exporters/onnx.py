@@ -1,0 +1,395 @@
+"""ONNX export of causal LMs (dense or sliced) with the KV cache as graph inputs and outputs.
+
+Graph contract (optimum's names, merged decoder with past):
+  inputs   input_ids (batch, sequence), attention_mask (batch, total_sequence), position_ids (batch, sequence),
+           past_key_values.{i}.key / .value (batch, kv_heads, past_sequence, head_dim)
+  outputs  logits (batch, sequence, vocab), present.{i}.key / .value (batch, kv_heads, total_sequence, head_dim)
+with total_sequence = past_sequence + sequence. A past of length 0 (empty tensors) is the prefill.
+
+Exporter choice. Both torch.onnx exporters were checked on tiny dense and sliced Llama/OPT with the cache, fp32
+and fp16, on the three parity shapes (prefill with past 0, decode, left padding):
+- TorchScript (``dynamo=False``, the default here): matches PyTorch to ~1e-7 everywhere, exports a tiny model
+  in ~0.5 s, needs no extra package. torch marks it deprecated, hence the option below.
+- torch.export (``dynamo=True``, needs onnxscript): matches too, but is 10-20x slower to export.
+Both are traced with the *eager* attention implementation. With SDPA, the TorchScript exporter's symbolic
+builds its mask in float32 and float16 OPT graphs fail to load (LayerNormalization bound to float and float16),
+and the torch.export graph differs from PyTorch at left-padded positions (values nobody reads, but the parity
+gate compares every position).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from slice2deploy.utils import UserInputError, atomic_directory, check_output_dir, sha256_bytes, sha256_file
+
+from .ort import MANIFEST_FILE, MODEL_FILE, OrtCausalLM, graph_summary, require_onnx, runtime_versions
+from .parity import Runner, Tolerance, check_parity, parity_cases
+
+DATA_FILE = MODEL_FILE + ".data"
+EXTERNAL_DATA_BYTES = int(1.5 * 2**30)  # protobuf refuses files over 2 GiB; keep room for the graph itself
+MIN_OPSET = 17  # LayerNormalization is a standard op from 17 on (no decomposition into ReduceMean/Sub/Pow)
+TORCHSCRIPT_MAX_OPSET = 20  # the TorchScript exporter has no symbolics beyond opset 20
+DYNAMO_MIN_OPSET = 18  # the torch.export-based exporter emits opset 18 at least
+# Example shapes for tracing: distinct non-trivial sizes so no axis is mistaken for another or specialised to 1.
+TRACE_BATCH, TRACE_SEQUENCE, TRACE_PAST = 2, 3, 5
+
+
+class OnnxDtype(str, Enum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+
+    @property
+    def torch(self) -> torch.dtype:
+        return {OnnxDtype.FLOAT32: torch.float32, OnnxDtype.FLOAT16: torch.float16}[self]
+
+
+class Exporter(str, Enum):
+    TORCHSCRIPT = "torchscript"
+    DYNAMO = "dynamo"
+
+
+# Parity limits (atol, rtol), rtol relative to each output's max |value|; any wrong mask, position or cache wiring
+# gives O(1) relative errors, far above both. float32: tiny models agree to ~1e-7, but SmolLM2-135M's logits (scale
+# ~10-30, 30 layers, GEMMs summed in another order by MLAS than by PyTorch) differ by 1.1e-4 on prefill, so a
+# purely absolute 1e-4 rejects a correct export; 1e-5 of the scale (~100x float32's roundoff) absorbs that.
+# float16: unit roundoff 4.9e-4; ORT on CPU casts many float16 ops to float32 and accumulates in another order, so
+# outputs drift by tens of ulps across layers; 2% of the output's scale tolerates that and still catches real bugs.
+DEFAULT_TOLERANCE = {OnnxDtype.FLOAT32: (1e-4, 1e-5), OnnxDtype.FLOAT16: (1e-3, 2e-2)}
+
+
+@dataclass
+class OnnxExportConfig:
+    """How to export: dtype, opset, exporter, external data (None: only above 1.5 GB) and parity tolerance."""
+
+    dtype: OnnxDtype = OnnxDtype.FLOAT32
+    opset: int = 18
+    exporter: Exporter = Exporter.TORCHSCRIPT
+    external_data: bool | None = None
+    atol: float | None = None  # None: DEFAULT_TOLERANCE of the dtype
+    rtol: float | None = None
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        self.dtype = _enum(OnnxDtype, self.dtype, "dtype")
+        self.exporter = _enum(Exporter, self.exporter, "exporter")
+        if isinstance(self.opset, bool) or not isinstance(self.opset, int) or self.opset < MIN_OPSET:
+            raise UserInputError(f"opset must be an integer >= {MIN_OPSET}, got {self.opset!r}")
+        if self.exporter is Exporter.TORCHSCRIPT and self.opset > TORCHSCRIPT_MAX_OPSET:
+            raise UserInputError(f"the torchscript exporter supports opset {MIN_OPSET}..{TORCHSCRIPT_MAX_OPSET}, "
+                                 f"got {self.opset}; use exporter=dynamo for newer opsets")
+        if self.exporter is Exporter.DYNAMO and self.opset < DYNAMO_MIN_OPSET:
+            raise UserInputError(f"the dynamo exporter needs opset >= {DYNAMO_MIN_OPSET}, got {self.opset}")
+        for name in ("atol", "rtol"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise UserInputError(f"{name} must be >= 0, got {value}")
+
+    @property
+    def tolerance(self) -> Tolerance:
+        atol, rtol = DEFAULT_TOLERANCE[self.dtype]
+        return Tolerance(atol if self.atol is None else self.atol, rtol if self.rtol is None else self.rtol)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "dtype": self.dtype.value, "exporter": self.exporter.value}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> OnnxExportConfig:
+        return cls(**data)
+
+
+def _enum(kind: type[Enum], value, name: str):
+    try:
+        return kind(value)
+    except ValueError:
+        raise UserInputError(f"unknown {name} {value!r}; choose one of {', '.join(m.value for m in kind)}") from None
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Graph input and output names, in graph order."""
+    kv = [f"{i}.{part}" for i in range(num_layers) for part in ("key", "value")]
+    inputs = ["input_ids", "attention_mask", "position_ids", *(f"past_key_values.{n}" for n in kv)]
+    return inputs, ["logits", *(f"present.{n}" for n in kv)]
+
+
+def dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
+    inputs, outputs = io_names(num_layers)
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+            "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+    axes.update({name: {0: "batch", 2: "past_sequence"} for name in inputs[3:]})
+    axes.update({name: {0: "batch", 2: "total_sequence"} for name in outputs[1:]})
+    return axes
+
+
+class FlatCacheCausalLM(nn.Module):
+    """``(input_ids, attention_mask, position_ids, *past) -> (logits, *presents)`` with flat KV tensors.
+
+    ONNX graphs take plain tensors; transformers models take a ``Cache``. This rebuilds a ``DynamicCache`` from
+    the past tensors (key, value per layer; length 0 for a prefill) and flattens the updated cache again.
+    """
+
+    def __init__(self, model: nn.Module, num_layers: int):
+        super().__init__()
+        self.model = model
+        self.num_layers = num_layers
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from transformers import DynamicCache
+
+        # No config: every layer keeps its whole past (a sliding window lives in the mask, not in the cache).
+        cache = DynamicCache(list(zip(past[0::2], past[1::2], strict=True)) if past else None)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        presents = [t for layer in out.past_key_values.layers[: self.num_layers] for t in (layer.keys, layer.values)]
+        return (out.logits, *presents)
+
+
+def num_layers_of(model: nn.Module) -> int:
+    config = model.config.get_text_config(decoder=True)
+    return int(config.num_hidden_layers)
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Trace with the eager attention implementation (see the module docstring), then put the original back."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def _model_in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The model in ``dtype``: itself when it already is, else a copy (casting in place would lose the original)."""
+    if all(p.dtype == dtype for p in model.parameters() if p.is_floating_point()):
+        return model.eval()
+    converted = copy.deepcopy(model).to(dtype).eval()
+    converted.config.dtype = dtype  # so the exported config.json states the graph's dtype
+    return converted
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _empty_past(flat: FlatCacheCausalLM, batch: int) -> list[torch.Tensor]:
+    """Zero-length past tensors of the right kv-heads/head-dim/dtype, read off a one-token forward."""
+    device = _device(flat.model)
+    ids = torch.zeros((1, 1), dtype=torch.long, device=device)
+    with torch.no_grad():
+        _, *presents = flat(ids, torch.ones_like(ids), torch.zeros_like(ids))
+    return [p[:1, :, :0].expand(batch, -1, -1, -1).contiguous() for p in presents]
+
+
+def _trace_inputs(flat: FlatCacheCausalLM, vocab_size: int) -> tuple[torch.Tensor, ...]:
+    device = _device(flat.model)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (TRACE_BATCH, TRACE_SEQUENCE), generator=generator).to(device)
+    mask = torch.ones((TRACE_BATCH, TRACE_PAST + TRACE_SEQUENCE), dtype=torch.long, device=device)
+    positions = torch.arange(TRACE_PAST, TRACE_PAST + TRACE_SEQUENCE, device=device).expand(TRACE_BATCH, -1)
+    past = [torch.randn((*p.shape[:2], TRACE_PAST, p.shape[3]), generator=generator).to(p)
+            for p in _empty_past(flat, TRACE_BATCH)]
+    return (ids, mask, positions.contiguous(), *past)
+
+
+def _export_graph(flat: FlatCacheCausalLM, args: tuple, path: Path, config: OnnxExportConfig) -> None:
+    inputs, outputs = io_names(flat.num_layers)
+    if config.exporter is Exporter.TORCHSCRIPT:
+        # Constant folding stores each Linear weight pre-transposed, so MatMuls read initializers directly (what
+        # ORT's quantizers look for); a tied embedding's transposed copy is shared again by _share_transposed.
+        with warnings.catch_warnings():
+            # The exporter's deprecation notice, and TracerWarnings about Python values in transformers' cache and
+            # mask code: each was checked (the parity gate runs other batch, sequence and past lengths).
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            # aten::index of the padding mask: its indices are aranges, never negative (the case the warning is about).
+            warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
+            torch.onnx.export(flat, args, str(path), input_names=inputs, output_names=outputs,
+                              dynamic_axes=dynamic_axes(flat.num_layers), opset_version=config.opset,
+                              do_constant_folding=True, dynamo=False)
+        return
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise UserInputError("exporter=dynamo needs onnxscript: pip install 'slice2deploy[onnx]'") from error
+    from torch.export import Dim
+
+    dynamic = {0: Dim.DYNAMIC, 1: Dim.DYNAMIC}
+    shapes = (dynamic, dynamic, dynamic, tuple({0: Dim.DYNAMIC, 2: Dim.DYNAMIC} for _ in args[3:]))
+    program = torch.onnx.export(flat, args, input_names=inputs, output_names=outputs, dynamic_shapes=shapes,
+                                opset_version=config.opset, dynamo=True)
+    program.save(str(path), external_data=True)
+
+
+def _share_transposed(model) -> int:
+    """Replace each initializer that is the transpose of another one by a Transpose node; return how many.
+
+    Constant folding turns a tied head (logits = x Eᵀ) into a second, transposed copy of the embedding table:
+    for SmolLM2 that is 28M duplicated parameters (~20% of the file). Only non-square 2-D tensors are checked.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    matrices = [t for t in graph.initializer if len(t.dims) == 2 and t.dims[0] != t.dims[1]]
+    shapes = {tuple(t.dims) for t in matrices}
+    candidates = [t for t in matrices if tuple(t.dims[::-1]) in shapes]
+    digests = {}
+    for tensor in candidates:
+        digests.setdefault(sha256_bytes(numpy_helper.to_array(tensor).tobytes()), tensor.name)
+    # Folded constants ("onnx::..." names) first, so the named parameter is the one kept.
+    candidates.sort(key=lambda t: not t.name.startswith("onnx::"))
+    kept, removed = set(), {}
+    for tensor in candidates:
+        source = digests.get(sha256_bytes(np.ascontiguousarray(numpy_helper.to_array(tensor).T).tobytes()))
+        if source is not None and source not in removed and tensor.name not in kept:
+            removed[tensor.name] = source
+            kept.add(source)
+    for tensor in [t for t in candidates if t.name in removed]:
+        graph.initializer.remove(tensor)
+        graph.node.insert(0, helper.make_node("Transpose", [removed[tensor.name]], [tensor.name], perm=[1, 0],
+                                              name=f"{tensor.name}/shared_transpose"))
+    return len(removed)
+
+
+def _finalize_graph(scratch: Path, target: Path, external_data: bool) -> int:
+    """Re-save the exported graph at ``target`` in our layout (one optional data file); return shared tensors."""
+    import onnx
+
+    model = onnx.load(str(scratch))
+    shared = _share_transposed(model)
+    if external_data:
+        onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(target))
+    onnx.checker.check_model(str(target))  # by path: works with external data and above 2 GB
+    return shared
+
+
+def _write_graph(flat: FlatCacheCausalLM, config: OnnxExportConfig, out: Path, external_data: bool) -> int:
+    """Trace into a scratch folder, then save model.onnx (+ data) in ``out``; return the shared transposes."""
+    scratch = out / ".export"
+    scratch.mkdir()
+    _export_graph(flat, _trace_inputs(flat, flat.model.config.vocab_size), scratch / MODEL_FILE, config)
+    shared = _finalize_graph(scratch / MODEL_FILE, out / MODEL_FILE, external_data)
+    shutil.rmtree(scratch)
+    return shared
+
+
+def _torch_runner(flat: FlatCacheCausalLM) -> Runner:
+    """The PyTorch reference of the parity gate, with numpy in and out (graph names)."""
+    names, outputs = io_names(flat.num_layers)
+    device = _device(flat.model)
+
+    def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = [torch.from_numpy(inputs[name]).to(device) for name in names]
+        with torch.no_grad():
+            values = flat(*args)
+        return {name: value.detach().cpu().numpy() for name, value in zip(outputs, values, strict=True)}
+
+    return run
+
+
+def _check_parity(flat: FlatCacheCausalLM, directory: Path, tolerance: Tolerance) -> dict:
+    """PyTorch (``flat``) vs ONNX Runtime CPU (``directory``) on the parity cases; raises ParityError."""
+    reference = _torch_runner(flat)
+    names = io_names(flat.num_layers)[0][3:]
+    empty = dict(zip(names, (p.cpu().numpy() for p in _empty_past(flat, 1)), strict=True))
+
+    def empty_past(batch: int) -> dict[str, np.ndarray]:
+        return {name: np.repeat(value, batch, axis=0) for name, value in empty.items()}
+
+    cases = parity_cases(flat.model.config.vocab_size, empty_past, reference)
+    return check_parity(reference, OrtCausalLM(directory, provider="cpu").run_named, cases, tolerance)
+
+
+def _parameter_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    unique = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in unique) * torch.finfo(dtype).bits // 8
+
+
+def _write_side_files(model: nn.Module, tokenizer, out: Path) -> None:
+    model.config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+def _manifest(out: Path, config: OnnxExportConfig, source: dict | None, num_layers: int, external_data: bool,
+              shared: int, parity: dict, seconds: dict) -> dict:
+    inputs, outputs = io_names(num_layers)
+    graph = graph_summary(out / MODEL_FILE)
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": sys.argv,
+        "versions": runtime_versions(),
+        "source": source if source is not None else {"spec": None, "sha256": None},  # an in-memory model
+        "export_config": config.to_dict(),
+        "opset": config.opset,
+        "dtype": config.dtype.value,
+        "exporter": config.exporter.value,
+        "external_data": external_data,
+        "io": {"inputs": inputs, "outputs": outputs, "dynamic_axes": dynamic_axes(num_layers)},
+        "parameters": graph["parameters"],
+        "size_bytes": sum(p.stat().st_size for p in out.iterdir() if p.name.startswith(MODEL_FILE)),
+        "shared_transposed_initializers": shared,
+        "parity": parity,
+        "seconds": seconds,
+        "files_sha256": {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()},
+    }
+
+
+def export_onnx(model: nn.Module, tokenizer, out_dir: str | Path, config: OnnxExportConfig | None = None,
+                overwrite: bool = False, source: dict | None = None) -> dict:
+    """Export a loaded causal LM to ``out_dir`` (graph, config, tokenizer, manifest), gated by parity; return the
+    manifest. Raises :class:`~exporters.parity.ParityError` (and writes nothing) when ONNX Runtime disagrees."""
+    require_onnx()
+    config = config or OnnxExportConfig()
+    check_output_dir(out_dir, overwrite)
+    started = time.perf_counter()
+    model = _model_in_dtype(model, config.dtype.torch)
+    flat = FlatCacheCausalLM(model, num_layers_of(model)).eval()
+    external = config.external_data
+    if external is None:
+        external = _parameter_bytes(model, config.dtype.torch) > EXTERNAL_DATA_BYTES
+    # Validated inside the atomic directory: a failed check (checker, parity) leaves nothing at out_dir.
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp, eager_attention(model):
+        shared = _write_graph(flat, config, tmp, external)
+        exported = time.perf_counter()
+        parity = _check_parity(flat, tmp, config.tolerance)
+        _write_side_files(model, tokenizer, tmp)
+        seconds = {"export": round(exported - started, 2), "parity": round(time.perf_counter() - exported, 2)}
+        manifest = _manifest(tmp, config, source, flat.num_layers, external, shared, parity, seconds)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    return {**manifest, "output": str(Path(out_dir).expanduser().resolve())}
+
+
+def export_pretrained(spec: str, out_dir: str | Path, config: OnnxExportConfig | None = None,
+                      overwrite: bool = False, trust_remote_code: bool = False) -> dict:
+    """Load any model slice2deploy accepts (alias, hub id, local or sliced directory, GGUF) and export it."""
+    from slice2deploy.api import load
+
+    config = config or OnnxExportConfig()
+    check_output_dir(out_dir, overwrite)  # fail before loading
+    model, tokenizer, resolved = load(spec, config.dtype.value, "cpu", trust_remote_code)
+    source = {"spec": spec, "kind": resolved.kind, "path": resolved.path, "gguf_file": resolved.gguf_file,
+              "sha256": resolved.sha256}
+    return export_onnx(model, tokenizer, out_dir, config, overwrite=overwrite, source=source)

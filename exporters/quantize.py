@@ -1,0 +1,278 @@
+"""INT8 / INT4 quantization of exported ONNX models, stacked on slicing, with a measured quality gate.
+
+Only MatMul/Gemm nodes whose weight is a stored initializer are quantized: the attention-score MatMuls (two
+activations) and the mask arithmetic stay in float, because an unrestricted INT8 pass over a Llama graph
+quantizes the attention-mask path and wrecks the output. Every weight MatMul left in float is listed with
+the reason. The lm_head and the residual shortcut matrices are explicit choices (``quantize_head``,
+``quantize_shortcuts``). INT4 is weight-only ``MatMulNBits`` with blocks along K, so every quantized K (for a
+sliced model: the residual widths) must be a multiple of the block size — slice with ``--round-to`` equal to
+the block size.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+
+from slice2deploy.utils import Slice2DeployError, UserInputError, atomic_directory, sha256_file
+
+from .ort import OrtCausalLM, check_onnx_dir, runtime_versions
+
+QUANT_MANIFEST = "slice2deploy_quant_manifest.json"
+MODEL_FILE = "model.onnx"
+
+
+class QuantMode(str, Enum):
+    INT8_DYNAMIC = "int8-dynamic"  # int8 weights (per channel), activations quantized at run time
+    INT8_STATIC = "int8-static"  # QDQ: int8 weights per channel, activations per tensor from calibration
+    INT4 = "int4"  # weight-only MatMulNBits, blocks of block_size along K
+
+
+class Int4Method(str, Enum):
+    RTN = "rtn"  # symmetric round-to-nearest per block (ORT's built-in blockwise quantizer)
+    HQQ = "hqq"  # half-quadratic quantization: optimises scale/zero per block, no calibration data
+
+
+# A floor on the signal-to-noise ratio of the logits (10 log10 |ref|² / |ref - q|²) measured on calibration
+# text: below it the quantized model is rejected. Set from measurements on SmolLM2 and tiny random models,
+# with margin; a broken graph (e.g. quantized mask arithmetic) lands far below.
+SNR_FLOOR_DB = {QuantMode.INT8_DYNAMIC: 15.0, QuantMode.INT8_STATIC: 10.0, QuantMode.INT4: 8.0}
+
+
+class QuantQualityError(Slice2DeployError):
+    """The quantized model's logits fell below the signal-to-noise floor."""
+
+
+@dataclass
+class QuantConfig:
+    """How to quantize an exported model; recorded in the output's manifest."""
+
+    mode: QuantMode = QuantMode.INT8_DYNAMIC
+    block_size: int = 32  # INT4 only
+    method: Int4Method = Int4Method.RTN  # INT4 only
+    quantize_head: bool = False  # the head is the most sensitive layer (and shared with the embedding if tied)
+    quantize_shortcuts: bool = True  # the k x k residual shortcut matrices of sliced models
+    calib: str = "builtin"  # text for int8-static ranges and for the quality gate
+    calib_samples: int = 8
+    calib_seqlen: int = 128
+    seed: int = 0
+    snr_floor_db: float | None = None  # None: the mode's default floor
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        try:
+            self.mode, self.method = QuantMode(self.mode), Int4Method(self.method)
+        except ValueError as error:
+            raise UserInputError(f"{error}; modes: {', '.join(m.value for m in QuantMode)}; int4 methods: "
+                                 f"{', '.join(m.value for m in Int4Method)}") from error
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise UserInputError(f"block size must be a power of two >= 16, got {self.block_size}")
+        if self.calib_samples < 1 or self.calib_seqlen < 2:
+            raise UserInputError("calibration needs at least 1 sample of at least 2 tokens")
+
+    @property
+    def floor(self) -> float:
+        return SNR_FLOOR_DB[self.mode] if self.snr_floor_db is None else self.snr_floor_db
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["mode"], data["method"] = self.mode.value, self.method.value
+        return data
+
+
+@dataclass(frozen=True)
+class WeightMatMul:
+    node: str
+    weight: str | None  # initializer name; None when the weight is computed (e.g. a tied head's transpose)
+    k: int | None
+    n: int | None
+    role: str  # linear | shortcut | mix | head
+
+
+def _role(node_name: str) -> str:
+    if "lm_head" in node_name:
+        return "head"
+    if "_shortcut/" in node_name:
+        return "shortcut"
+    if "/mix/" in node_name:
+        return "mix"
+    return "linear"
+
+
+def weight_matmuls(model) -> list[WeightMatMul]:
+    """MatMul/Gemm nodes whose second input is a weight (an initializer, or the head's product of one)."""
+    initializers = {init.name: list(init.dims) for init in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        weight = node.input[1]
+        role = _role(node.name)
+        if weight in initializers and len(initializers[weight]) == 2:
+            k, n = initializers[weight]
+            found.append(WeightMatMul(node.name, weight, k, n, role))
+        elif role == "head":
+            found.append(WeightMatMul(node.name, None, None, None, role))
+    return found
+
+
+def plan(matmuls: list[WeightMatMul], config: QuantConfig) -> tuple[list[WeightMatMul], list[dict]]:
+    """Which weight MatMuls to quantize, and every one left in float with its reason."""
+    chosen, skipped = [], []
+    for mm in matmuls:
+        reason = None
+        if mm.weight is None:
+            reason = "weight is computed in the graph (tied head shares the embedding table)"
+        elif mm.role == "head" and not config.quantize_head:
+            reason = "head kept in float (quantize_head=False)"
+        elif mm.role == "shortcut" and not config.quantize_shortcuts:
+            reason = "residual shortcut kept in float (quantize_shortcuts=False)"
+        if reason:
+            skipped.append({"node": mm.node, "role": mm.role, "reason": reason})
+        else:
+            chosen.append(mm)
+    if config.mode == QuantMode.INT4:
+        bad = [mm for mm in chosen if mm.k % config.block_size]
+        if bad:
+            widths = sorted({mm.k for mm in bad})
+            raise UserInputError(
+                f"INT4 block size {config.block_size} does not divide the input width of {len(bad)} MatMul(s) "
+                f"(K = {', '.join(map(str, widths))}, e.g. {bad[0].node}); slice with --round-to "
+                f"{config.block_size} (or a multiple) or choose a block size that divides every width")
+    if not chosen:
+        raise UserInputError("no weight MatMul left to quantize under this configuration")
+    return chosen, skipped
+
+
+def _copy_side_files(source: Path, target: Path) -> None:
+    for path in source.iterdir():
+        if path.is_file() and not path.name.endswith((".onnx", ".data", ".onnx_data")) and "manifest" not in path.name:
+            shutil.copy2(path, target / path.name)
+
+
+def _calibration_inputs(runner: OrtCausalLM, config: QuantConfig) -> list[np.ndarray]:
+    from slice2deploy.data import calibration_batch, load_text
+
+    ids, _ = calibration_batch(runner.tokenizer(), load_text(config.calib, "calibration"), config.calib_samples,
+                               config.calib_seqlen, config.seed)
+    return [row[None].numpy().astype(np.int64) for row in ids]
+
+
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader protocol: one prefill (empty cache) per calibration sequence."""
+
+    def __init__(self, runner: OrtCausalLM, samples: list[np.ndarray]):
+        self._feeds = iter([runner._feeds(ids, None, None, None) for ids in samples])
+
+    def get_next(self) -> dict | None:
+        return next(self._feeds, None)
+
+
+def _quantize_int8(source: Path, target: Path, nodes: list[str], config: QuantConfig,
+                   runner: OrtCausalLM, samples: list[np.ndarray]) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    common = {"per_channel": True, "weight_type": QuantType.QInt8, "nodes_to_quantize": nodes,
+              "op_types_to_quantize": ["MatMul", "Gemm"], "use_external_data_format": _is_large(source)}
+    if config.mode == QuantMode.INT8_DYNAMIC:
+        quantize_dynamic(source, target, **common)
+        return
+    static = {"quant_format": QuantFormat.QDQ, "activation_type": QuantType.QInt8,
+              "calibrate_method": CalibrationMethod.MinMax,
+              "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True}}
+    quantize_static(source, target, _Reader(runner, samples), **static, **common)
+
+
+def _quantize_int4(source: Path, target: Path, nodes: list[str], config: QuantConfig) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    if config.method == Int4Method.HQQ:
+        algo = HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=4)
+    else:
+        algo = DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=True, bits=4)
+    model = onnx.load(str(source))
+    quantizer = MatMulNBitsQuantizer(model, block_size=config.block_size, is_symmetric=True,
+                                     nodes_to_include=nodes, algo_config=algo)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=_is_large(source))
+
+
+def _is_large(model_path: Path) -> bool:
+    data = [p for p in model_path.parent.iterdir() if p.suffix in (".data", ".onnx_data")]
+    return sum(p.stat().st_size for p in [model_path, *data]) > (1536 << 20)
+
+
+def logits_snr_db(reference: OrtCausalLM, candidate: OrtCausalLM, samples: list[np.ndarray]) -> float:
+    """Signal-to-noise ratio (dB) of the candidate's logits against the reference's over the samples."""
+    signal = noise = 0.0
+    for ids in samples:
+        ref = reference.forward(ids)[0].astype(np.float64)
+        out = candidate.forward(ids)[0].astype(np.float64)
+        signal += float(np.square(ref).sum())
+        noise += float(np.square(ref - out).sum())
+    return float("inf") if noise == 0 else 10.0 * np.log10(signal / noise)
+
+
+def _directory_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir() if p.suffix in (".onnx", ".data", ".onnx_data"))
+
+
+def quantize_onnx(source_dir: str | Path, out_dir: str | Path, config: QuantConfig, overwrite: bool = False) -> dict:
+    """Quantize an exported ONNX directory into ``out_dir`` (atomically) and return its manifest."""
+    import onnx
+
+    source = Path(source_dir).expanduser()
+    model_path = check_onnx_dir(source)
+    if Path(out_dir).expanduser().resolve() == source.resolve():
+        raise UserInputError("the output directory must differ from the input (inputs are never modified)")
+    reference = OrtCausalLM(source)
+    matmuls = weight_matmuls(onnx.load(str(model_path), load_external_data=False))
+    chosen, skipped = plan(matmuls, config)
+    samples = _calibration_inputs(reference, config)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        _copy_side_files(source, tmp)
+        nodes = [mm.node for mm in chosen]
+        if config.mode == QuantMode.INT4:
+            _quantize_int4(model_path, tmp / MODEL_FILE, nodes, config)
+        else:
+            _quantize_int8(model_path, tmp / MODEL_FILE, nodes, config, reference, samples)
+        snr = logits_snr_db(reference, OrtCausalLM(tmp), samples)
+        if snr < config.floor:
+            raise QuantQualityError(f"{config.mode.value}: logits SNR {snr:.1f} dB is below the floor of "
+                                    f"{config.floor:.1f} dB; nothing was written")
+        manifest = _manifest(source, model_path, tmp, config, chosen, skipped, snr)
+        (tmp / QUANT_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def _manifest(source: Path, model_path: Path, out: Path, config: QuantConfig, chosen: list[WeightMatMul],
+              skipped: list[dict], snr: float) -> dict:
+    roles: dict[str, int] = {}
+    for mm in chosen:
+        roles[mm.role] = roles.get(mm.role, 0) + 1
+    return {
+        "command": sys.argv,
+        "config": config.to_dict(),
+        "source": {"directory": str(source.resolve()), "model_sha256": sha256_file(model_path)},
+        "quantized_matmuls": len(chosen),
+        "quantized_by_role": roles,
+        "unquantized": skipped,
+        "unquantized_count": len(skipped),
+        "size_bytes": {"source": _directory_bytes(source), "quantized": _directory_bytes(out)},
+        "logits_snr_db": round(snr, 3),
+        "snr_floor_db": config.floor,
+        "calibration": {"source": config.calib, "samples": config.calib_samples, "seqlen": config.calib_seqlen,
+                        "seed": config.seed},
+        "versions": runtime_versions(),
+    }

@@ -1,0 +1,360 @@
+"""ONNX export with the KV cache and the ONNX Runtime runner, on tiny dense and sliced models (CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+from exporters.onnx import DATA_FILE, MANIFEST_FILE, MODEL_FILE, OnnxExportConfig, export_onnx, io_names
+from exporters.ort import OrtCausalLM, fused_ops_report
+from exporters.parity import ParityError, Tolerance, check_parity
+from slice2deploy.cli import main
+from slice2deploy.evaluate import perplexity
+from slice2deploy.slicing import SliceConfig, slice_model
+from slice2deploy.utils import UserInputError
+
+from .conftest import TINY_TEXT, tiny_model, tiny_tokenizer
+
+pytest.importorskip("onnxruntime")  # the exporters import it lazily; without the onnx extra, skip the file
+onnx = pytest.importorskip("onnx")
+
+FP32_LIMIT = 1e-4
+VARIANTS = ["llama-dense", "opt-dense", "llama-sliced", "opt-sliced"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Hidden size 32: threads only add overhead, and on a busy 2-core machine OpenMP's spin-waits double the time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(variant: str) -> torch.nn.Module:
+    model_type, kind = variant.split("-")
+    model = tiny_model(model_type)
+    if kind == "sliced":
+        calibration = torch.randint(0, model.config.vocab_size, (6, 24), generator=torch.Generator().manual_seed(0))
+        model = slice_model(model, calibration, None, SliceConfig(sparsity=0.25), progress=False)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def export_of(tmp_path_factory):
+    """``export_of(variant)`` -> (model, directory, manifest), each variant exported once per module."""
+    cache = {}
+
+    def get(variant: str):
+        if variant not in cache:
+            model, out = _model(variant), tmp_path_factory.mktemp("onnx") / variant
+            manifest = export_onnx(model, tiny_tokenizer(), out, OnnxExportConfig(), source={"spec": variant})
+            cache[variant] = model, out, manifest
+        return cache[variant]
+
+    return get
+
+
+@pytest.fixture(params=VARIANTS)
+def exported(request, export_of):
+    return export_of(request.param)
+
+
+def _torch_step(model, ids, mask, positions, past=None):
+    """The model itself (its default attention, a fresh DynamicCache): logits and [(key, value)] per layer."""
+    cache = DynamicCache([(torch.from_numpy(k), torch.from_numpy(v)) for k, v in past] if past else None)
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                    position_ids=torch.from_numpy(positions), past_key_values=cache, use_cache=True)
+    return out.logits.numpy(), [(layer.keys.numpy(), layer.values.numpy()) for layer in out.past_key_values.layers]
+
+
+def _max_diffs(expected, actual) -> list[float]:
+    (logits_a, past_a), (logits_b, past_b) = expected, actual
+    pairs = [(logits_a, logits_b)] + [(x, y) for a, b in zip(past_a, past_b, strict=True)
+                                      for x, y in zip(a, b, strict=True)]
+    for x, y in pairs:
+        assert x.shape == y.shape
+    return [float(np.abs(x - y).max()) for x, y in pairs]
+
+
+def _positions(mask: np.ndarray, past: int) -> np.ndarray:
+    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, past:]
+
+
+# -- export and parity -------------------------------------------------------------------------------------------
+def test_manifest_records_parity_on_every_output_and_shape(exported):
+    model, out, manifest = exported
+    num_layers = model.config.num_hidden_layers
+    inputs, outputs = io_names(num_layers)
+    assert {MODEL_FILE, "config.json", "generation_config.json", "tokenizer.json", MANIFEST_FILE} <= {
+        p.name for p in out.iterdir()}
+    onnx.checker.check_model(str(out / MODEL_FILE))
+    graph = onnx.load(str(out / MODEL_FILE), load_external_data=False).graph
+    assert [i.name for i in graph.input] == inputs and [o.name for o in graph.output] == outputs
+    recorded = json.loads((out / MANIFEST_FILE).read_text())
+    assert recorded["parity"]["passed"] and recorded["opset"] == 18 and recorded["dtype"] == "float32"
+    assert recorded["parity"]["tolerance"] == {"atol": 1e-4, "rtol": 1e-5}
+    assert recorded["source"] == {"spec": out.name} and recorded["versions"]["onnxruntime"]
+    assert recorded["io"]["inputs"] == inputs and recorded["files_sha256"][MODEL_FILE]
+    # A tied head is stored once (its transpose is a node), so the graph holds exactly the model's parameters.
+    assert recorded["parameters"] == sum(p.numel() for p in model.parameters())
+    assert recorded["size_bytes"] == (out / MODEL_FILE).stat().st_size
+    cases = recorded["parity"]["cases"]
+    assert set(cases) == {"prefill", "decode", "left_padding"}
+    assert cases["prefill"]["inputs"] == {"batch": 2, "sequence": 8, "past_sequence": 0, "padded_tokens": 0}
+    assert cases["decode"]["inputs"] == {"batch": 2, "sequence": 1, "past_sequence": 8, "padded_tokens": 0}
+    assert cases["left_padding"]["inputs"]["padded_tokens"] > 0
+    for case in cases.values():
+        assert set(case["max_abs_diff"]) == set(outputs)
+        assert max(case["max_abs_diff"].values()) <= FP32_LIMIT
+
+
+def test_parity_recomputed_against_the_model_itself(exported):
+    """Independent of the gate: the model as loaded (SDPA attention, its own cache) vs the ONNX Runtime runner."""
+    model, out, _ = exported
+    runner = OrtCausalLM(out)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, model.config.vocab_size, (2, 8))
+    mask = np.ones_like(ids)
+    prefill = _torch_step(model, ids, mask, _positions(mask, 0))
+    assert max(_max_diffs(prefill, runner.forward(ids, mask, _positions(mask, 0)))) <= FP32_LIMIT
+    step, mask = ids[:, :1], np.ones((2, 9), dtype=np.int64)
+    decode = _torch_step(model, step, mask, _positions(mask, 8), prefill[1])
+    assert max(_max_diffs(decode, runner.forward(step, mask, _positions(mask, 8), prefill[1]))) <= FP32_LIMIT
+    mask = np.ones_like(ids)
+    mask[0, :3] = 0
+    padded = _torch_step(model, ids, mask, _positions(mask, 0))
+    ort_padded = runner.forward(ids, mask, _positions(mask, 0))
+    # Padded query rows attend to nothing real and their values are never used; compare the real tokens.
+    real = mask.astype(bool)
+    assert np.abs(padded[0][real] - ort_padded[0][real]).max() <= FP32_LIMIT
+    for torch_kv, ort_kv in zip(padded[1], ort_padded[1], strict=True):
+        for x, y in zip(torch_kv, ort_kv, strict=True):  # every layer: the full row, and the padded row's real tokens
+            assert np.abs(x[1] - y[1]).max() <= FP32_LIMIT and np.abs(x[0, :, 3:] - y[0, :, 3:]).max() <= FP32_LIMIT
+
+
+def test_greedy_generation_equals_pytorch(exported):
+    model, out, _ = exported
+    prompt = np.random.default_rng(2).integers(3, model.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        expected = model.generate(torch.from_numpy(prompt), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                                  pad_token_id=0).numpy()
+    generated = OrtCausalLM(out).generate(prompt, max_new_tokens=16)
+    assert generated.shape == (1, 22)
+    np.testing.assert_array_equal(generated, expected)
+
+
+def test_left_padded_batch_generation_equals_pytorch(exported):
+    model, out, _ = exported
+    prompt = np.random.default_rng(3).integers(3, model.config.vocab_size, (2, 6))
+    mask = np.ones_like(prompt)
+    prompt[0, :2], mask[0, :2] = 0, 0
+    with torch.no_grad():
+        expected = model.generate(torch.from_numpy(prompt), attention_mask=torch.from_numpy(mask), max_new_tokens=8,
+                                  min_new_tokens=8, do_sample=False, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(OrtCausalLM(out).generate(prompt, 8, attention_mask=mask), expected)
+
+
+def test_perplexity_equals_pytorch_on_the_same_windows(exported):
+    model, out, _ = exported
+    tokens = torch.tensor(tiny_tokenizer()(TINY_TEXT)["input_ids"])[:300]
+    expected = perplexity(model, tokens, seqlen=32, batch_size=4, progress=False)
+    result = OrtCausalLM(out).perplexity(tokens, seqlen=32, batch_size=4)
+    assert (result.windows, result.tokens, result.predicted_tokens) == (
+        expected.windows, expected.tokens, expected.predicted_tokens)
+    assert math.isclose(result.perplexity, expected.perplexity, rel_tol=1e-4)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(exported):
+    _, out, _ = exported
+    runner = OrtCausalLM(out)
+    prompt = np.arange(3, 9)[None]
+    first = runner.generate(prompt, 8, do_sample=True, temperature=0.8, top_k=20, seed=7)
+    assert np.array_equal(first, runner.generate(prompt, 8, do_sample=True, temperature=0.8, top_k=20, seed=7))
+    greedy = runner.generate(prompt, 8)
+    assert np.array_equal(runner.generate(prompt, 8, do_sample=True, top_k=1, seed=3), greedy)
+
+
+def test_generation_stops_at_eos(tmp_path):
+    model = _model("llama-dense")
+    prompt = np.arange(3, 9)[None]
+    with torch.no_grad():
+        first = model(input_ids=torch.from_numpy(prompt)).logits[0, -1].argmax().item()
+    generated = OrtCausalLM(_export_to(model, tmp_path / "eos")).generate(prompt, 8, eos_token_id=first)
+    assert generated.shape == (1, 7) and generated[0, -1] == first
+
+
+# -- float16, tolerance, errors ----------------------------------------------------------------------------------
+def _export_to(model, out: Path, **config) -> Path:
+    export_onnx(model, None, out, OnnxExportConfig(**config))
+    return out
+
+
+def test_float16_export_passes_its_gate(tmp_path):
+    out = _export_to(_model("llama-sliced"), tmp_path / "fp16", dtype="float16")
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["dtype"] == "float16" and manifest["parity"]["passed"]
+    assert manifest["parity"]["tolerance"] == {"atol": 1e-3, "rtol": 2e-2}
+    graph = onnx.load(str(out / MODEL_FILE), load_external_data=False).graph
+    assert graph.input[3].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    runner = OrtCausalLM(out)
+    assert runner.dtype == "float16" and runner.generate(np.arange(3, 9)[None], 4).shape == (1, 10)
+
+
+def test_parity_failure_names_every_failing_output_and_writes_nothing(tmp_path, monkeypatch):
+    def broken(self, inputs):
+        outputs = dict(zip(self.output_names, self.session.run(self.output_names, inputs), strict=True))
+        outputs["logits"] = outputs["logits"] + 0.5
+        return outputs
+
+    monkeypatch.setattr(OrtCausalLM, "run_named", broken)
+    with pytest.raises(ParityError) as error:
+        export_onnx(_model("opt-sliced"), None, tmp_path / "out", OnnxExportConfig())
+    message = str(error.value)
+    for case in ("prefill", "decode", "left_padding"):
+        assert f"{case}/logits: max |Δ| 0.5" in message
+    assert "present" not in message and len(error.value.failures) == 3
+    assert list(tmp_path.iterdir()) == [], "a failed export leaves nothing behind"
+
+
+def test_parity_limits_nan_and_shape_mismatch():
+    reference = {"logits": np.array([[10.0, -20.0]]), "present.0.key": np.ones((1, 2))}
+
+    def run(inputs):
+        return {"logits": inputs["logits"], "present.0.key": inputs["present"]}
+
+    cases = [("ok", {"logits": reference["logits"] + 2e-4, "present": reference["present.0.key"]}),
+             ("nan", {"logits": np.full((1, 2), np.nan), "present": reference["present.0.key"]}),
+             ("shape", {"logits": reference["logits"], "present": np.ones((1, 3))})]
+    with pytest.raises(ParityError) as error:
+        check_parity(lambda _: reference, run, cases, Tolerance(atol=1e-4, rtol=1e-5))  # limit on logits: 3e-4
+    assert [(f["case"], f["output"]) for f in error.value.failures] == [("nan", "logits"), ("shape", "present.0.key")]
+    assert error.value.report["cases"]["ok"]["limit"]["logits"] == pytest.approx(3e-4)
+
+
+def test_external_data_and_its_absence(tmp_path):
+    model = _model("llama-dense")
+    out = tmp_path / "external"
+    manifest = export_onnx(model, None, out, OnnxExportConfig(external_data=True))
+    assert manifest["external_data"] and (out / DATA_FILE).is_file()
+    runner = OrtCausalLM(out)
+    assert runner.parameters == sum(p.numel() for p in model.parameters())  # tied head stored once
+    (out / DATA_FILE).unlink()
+    with pytest.raises(UserInputError, match=r"external data file\(s\) model.onnx.data, missing"):
+        OrtCausalLM(out)
+
+
+def test_directory_without_onnx(tmp_path):
+    with pytest.raises(UserInputError, match="holds no model.onnx"):
+        OrtCausalLM(tmp_path)
+    with pytest.raises(UserInputError, match="not a directory"):
+        OrtCausalLM(tmp_path / "absent")
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider")
+def test_cuda_without_a_gpu(export_of, monkeypatch):
+    import onnxruntime
+
+    _, out, _ = export_of("llama-sliced")
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(UserInputError, match="no CUDAExecutionProvider"):
+            OrtCausalLM(out, provider="cuda")
+    # onnxruntime-gpu without a usable GPU lists the provider, then runs the session on the CPU: refuse that.
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider",
+                                                                        "CPUExecutionProvider"])
+    if not torch.cuda.is_available():
+        with pytest.raises(UserInputError, match="fell back to CPU"):
+            OrtCausalLM(out, provider="cuda")
+    with pytest.raises(UserInputError, match="unknown ONNX Runtime device"):
+        OrtCausalLM(out, provider="tpu")
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    ({"opset": 16}, "opset must be an integer >= 17"),
+    ({"opset": 21}, "torchscript exporter supports opset 17..20"),
+    ({"dtype": "bfloat16"}, "unknown dtype 'bfloat16'"),
+    ({"exporter": "magic"}, "unknown exporter"),
+    ({"atol": -1.0}, "atol must be >= 0"),
+])
+def test_config_validation(options, match):
+    with pytest.raises(UserInputError, match=match):
+        OnnxExportConfig(**options)
+
+
+def test_config_round_trip():
+    config = OnnxExportConfig(dtype="float16", opset=17, external_data=True, atol=1e-3)
+    assert OnnxExportConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert config.tolerance.rtol == 2e-2
+
+
+def test_output_directory_must_be_empty(tmp_path):
+    (tmp_path / "keep.txt").write_text("precious")
+    with pytest.raises(UserInputError, match="not empty"):
+        export_onnx(_model("llama-dense"), None, tmp_path, OnnxExportConfig())
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_fused_ops_report(exported):
+    model, out, _ = exported
+    report = fused_ops_report(out)
+    assert report["nodes_after"] < report["nodes_before"] and report["fused"]
+    if out.name == "llama-dense":  # RMSNorm -> SimplifiedLayerNormalization; sliced norms divide by d, no fusion
+        assert report["fused"]["SimplifiedLayerNormalization"] == 2 * model.config.num_hidden_layers + 1
+
+
+@pytest.mark.slow  # ~6 s: torch.export is 10-20x slower than the default TorchScript exporter
+def test_dynamo_exporter(tmp_path):
+    pytest.importorskip("onnxscript")
+    manifest = export_onnx(_model("opt-sliced"), None, tmp_path / "dyn", OnnxExportConfig(exporter="dynamo"))
+    assert manifest["exporter"] == "dynamo" and manifest["parity"]["max_abs_diff"] <= FP32_LIMIT
+
+
+# -- CLI and imports ---------------------------------------------------------------------------------------------
+def test_cli_export_then_eval_and_generate(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
+    out = tmp_path / "onnx"
+    assert main(["export", "onnx", str(tiny_llama_dir), "-o", str(out)]) == 0
+    assert "parity vs PyTorch" in capsys.readouterr().out
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["source"]["kind"] == "local" and manifest["source"]["sha256"]
+    eval_args = ["--data", str(tiny_text_file), "--seqlen", "16", "--json"]
+    assert main(["eval", str(out), *eval_args]) == 0
+    onnx_result = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(tiny_llama_dir), *eval_args]) == 0
+    torch_result = json.loads(capsys.readouterr().out)
+    assert onnx_result["backend"] == "onnxruntime" and torch_result["backend"] == "pytorch"
+    for key in ("tokens", "windows", "predicted_tokens", "parameters"):
+        assert onnx_result[key] == torch_result[key], key
+    assert math.isclose(onnx_result["perplexity"], torch_result["perplexity"], rel_tol=1e-4)
+    texts = []
+    for model_dir in (out, tiny_llama_dir):
+        assert main(["generate", str(model_dir), "--prompt", "the river", "--max-new-tokens", "6"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].startswith("the river")
+    assert main(["export", "onnx", str(tiny_llama_dir), "-o", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["eval", str(tmp_path), "--seqlen", "16"]) == 2  # an empty directory is not a model
+    capsys.readouterr()
+    (tmp_path / MANIFEST_FILE).write_text("{}")
+    assert main(["eval", str(tmp_path), "--seqlen", "16"]) == 2
+    assert "holds no model.onnx" in capsys.readouterr().err
+
+
+def test_import_slice2deploy_does_not_import_onnxruntime():
+    code = ("import sys, slice2deploy, slice2deploy.api, slice2deploy.cli, exporters; "
+            "heavy = [m for m in ('onnxruntime', 'onnx', 'onnxscript') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -1,0 +1,123 @@
+"""INT8 / INT4 quantization of exported tiny models: it runs, keeps an SNR floor, and refuses bad input."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+
+from exporters.onnx import OnnxExportConfig, export_onnx
+from exporters.quantize import QUANT_MANIFEST, QuantConfig, QuantQualityError, quantize_onnx
+from slice2deploy.slicing import SliceConfig, slice_model
+from slice2deploy.utils import UserInputError
+
+from .conftest import tiny_model, tiny_tokenizer
+
+
+def _export(model, path):
+    export_onnx(model, tiny_tokenizer(), path, OnnxExportConfig())
+    return path
+
+
+@pytest.fixture(scope="module")
+def dense_onnx(tmp_path_factory):
+    return _export(tiny_model("llama"), tmp_path_factory.mktemp("q") / "dense")
+
+
+@pytest.fixture(scope="module")
+def sliced_onnx(tmp_path_factory):
+    """A tiny sliced Llama whose widths (24) are not a multiple of 16 or 32."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    sliced = slice_model(model, ids, None, SliceConfig(sparsity=0.25), progress=False)
+    return _export(sliced, tmp_path_factory.mktemp("q") / "sliced")
+
+
+def _config(text, **kwargs):
+    return QuantConfig(calib=str(text), calib_samples=4, calib_seqlen=16, **kwargs)
+
+
+def _op_types(path):
+    return [node.op_type for node in onnx.load(str(path / "model.onnx")).graph.node]
+
+
+@pytest.mark.parametrize("mode", ["int8-dynamic", "int8-static"])
+def test_int8_modes(dense_onnx, tiny_text_file, tmp_path, mode):
+    manifest = quantize_onnx(dense_onnx, tmp_path / mode, _config(tiny_text_file, mode=mode))
+    assert manifest["logits_snr_db"] >= manifest["snr_floor_db"] > 0
+    assert manifest["quantized_matmuls"] == 2 * 7  # q k v o gate up down per layer; the (tied) head stays float
+    assert manifest["unquantized"][0]["role"] == "head"
+    assert json.loads((tmp_path / mode / QUANT_MANIFEST).read_text())["config"]["mode"] == mode
+    assert (tmp_path / mode / "tokenizer.json").exists() and (tmp_path / mode / "config.json").exists()
+    ops = _op_types(tmp_path / mode)
+    assert ("MatMulInteger" in ops or "DynamicQuantizeLinear" in ops) if mode == "int8-dynamic" else \
+        ("QuantizeLinear" in ops)
+    graph = onnx.load(str(tmp_path / mode / "model.onnx")).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:  # attention-score MatMuls (two activations) must stay float
+        if node.op_type == "MatMul" and "self_attn/MatMul" in node.name:
+            assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in node.input)
+
+
+@pytest.mark.parametrize("method", ["rtn", "hqq"])
+def test_int4(dense_onnx, tiny_text_file, tmp_path, method):
+    manifest = quantize_onnx(dense_onnx, tmp_path / method, _config(tiny_text_file, mode="int4", block_size=16,
+                                                                    method=method))
+    assert _op_types(tmp_path / method).count("MatMulNBits") == manifest["quantized_matmuls"] == 14
+    assert manifest["logits_snr_db"] >= manifest["snr_floor_db"]
+
+
+def test_int4_needs_widths_divisible_by_the_block(sliced_onnx, tiny_text_file, tmp_path):
+    with pytest.raises(UserInputError, match="--round-to 16"):
+        quantize_onnx(sliced_onnx, tmp_path / "o", _config(tiny_text_file, mode="int4", block_size=16))
+    assert not (tmp_path / "o").exists()
+
+
+def test_int4_on_a_sliced_model_rounded_to_the_block(tiny_text_file, tmp_path):
+    model = tiny_model("llama")
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    sliced = slice_model(model, ids, None, SliceConfig(sparsity=0.4, round_to=16), progress=False)
+    assert set(sliced.config.widths[1:]) == {16}
+    source = _export(sliced, tmp_path / "sliced16")
+    manifest = quantize_onnx(source, tmp_path / "int4", _config(tiny_text_file, mode="int4", block_size=16))
+    assert manifest["quantized_by_role"]["shortcut"] == 4 and manifest["quantized_by_role"]["mix"] == 1
+    no_shortcuts = quantize_onnx(source, tmp_path / "int4b", _config(tiny_text_file, mode="int4", block_size=16,
+                                                                   quantize_shortcuts=False))
+    assert "shortcut" not in no_shortcuts["quantized_by_role"]
+    assert sum(u["role"] == "shortcut" for u in no_shortcuts["unquantized"]) == 4
+
+
+def test_quality_floor_rejects_and_writes_nothing(dense_onnx, tiny_text_file, tmp_path):
+    with pytest.raises(QuantQualityError, match="below the floor"):
+        quantize_onnx(dense_onnx, tmp_path / "o", _config(tiny_text_file, mode="int8-dynamic", snr_floor_db=500))
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_inputs(dense_onnx, tiny_text_file, tmp_path):
+    with pytest.raises(UserInputError, match="int8-dynamic"):
+        QuantConfig(mode="int3")
+    with pytest.raises(UserInputError, match="power of two"):
+        QuantConfig(mode="int4", block_size=24)
+    with pytest.raises(UserInputError, match="differ from the input"):
+        quantize_onnx(dense_onnx, dense_onnx, _config(tiny_text_file))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserInputError):
+        quantize_onnx(tmp_path / "empty", tmp_path / "o", _config(tiny_text_file))
+
+
+def test_cli_quantize_then_info_and_eval(dense_onnx, tiny_text_file, tmp_path, capsys):
+    from slice2deploy.cli import main
+
+    out = tmp_path / "cli-int8"
+    assert main(["quantize", str(dense_onnx), "-o", str(out), "--mode", "int8-dynamic", "--calib",
+                 str(tiny_text_file), "--calib-samples", "2", "--calib-seqlen", "16"]) == 0
+    assert "MatMuls quantized" in capsys.readouterr().out
+    assert main(["info", str(out)]) == 0
+    assert "onnx" in capsys.readouterr().out
+    assert main(["eval", str(out), "--data", str(tiny_text_file), "--seqlen", "16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["backend"] == "onnxruntime" and result["perplexity"] > 1
+    assert main(["quantize", str(dense_onnx), "-o", str(tmp_path / "x"), "--mode", "int4", "--block-size", "24"]) == 2
+    assert "power of two" in capsys.readouterr().err
