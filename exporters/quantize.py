@@ -58,6 +58,7 @@ class QuantConfig:
     method: Int4Method = Int4Method.RTN  # INT4 only
     quantize_head: bool = False  # the head is the most sensitive layer (and shared with the embedding if tied)
     quantize_shortcuts: bool = True  # the k x k residual shortcut matrices of sliced models
+    keep_float: tuple[str, ...] = ()  # node-name substrings left in float (e.g. "down_proj": outlier inputs)
     calib: str = "builtin"  # text for int8-static ranges and for the quality gate
     calib_samples: int = 8
     calib_seqlen: int = 128
@@ -66,6 +67,7 @@ class QuantConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
+        self.keep_float = tuple(self.keep_float)
         try:
             self.mode, self.method = QuantMode(self.mode), Int4Method(self.method)
         except ValueError as error:
@@ -82,13 +84,14 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["mode"], data["method"] = self.mode.value, self.method.value
+        data["mode"], data["method"], data["keep_float"] = self.mode.value, self.method.value, list(self.keep_float)
         return data
 
 
 @dataclass(frozen=True)
 class WeightMatMul:
     node: str
+    op_type: str
     weight: str | None  # initializer name; None when the weight is computed (e.g. a tied head's transpose)
     k: int | None
     n: int | None
@@ -116,9 +119,9 @@ def weight_matmuls(model) -> list[WeightMatMul]:
         role = _role(node.name)
         if weight in initializers and len(initializers[weight]) == 2:
             k, n = initializers[weight]
-            found.append(WeightMatMul(node.name, weight, k, n, role))
+            found.append(WeightMatMul(node.name, node.op_type, weight, k, n, role))
         elif role == "head":
-            found.append(WeightMatMul(node.name, None, None, None, role))
+            found.append(WeightMatMul(node.name, node.op_type, None, None, None, role))
     return found
 
 
@@ -133,6 +136,10 @@ def plan(matmuls: list[WeightMatMul], config: QuantConfig) -> tuple[list[WeightM
             reason = "head kept in float (quantize_head=False)"
         elif mm.role == "shortcut" and not config.quantize_shortcuts:
             reason = "residual shortcut kept in float (quantize_shortcuts=False)"
+        elif any(part in mm.node for part in config.keep_float):
+            reason = "kept in float (keep_float)"
+        elif config.mode == QuantMode.INT4 and mm.op_type != "MatMul":
+            reason = f"{mm.op_type}: ONNX Runtime's MatMulNBits quantizer takes MatMul nodes only"
         if reason:
             skipped.append({"node": mm.node, "role": mm.role, "reason": reason})
         else:
@@ -249,8 +256,11 @@ def quantize_onnx(source_dir: str | Path, out_dir: str | Path, config: QuantConf
             _quantize_int8(model_path, tmp / MODEL_FILE, nodes, config, reference, samples)
         snr = logits_snr_db(reference, OrtCausalLM(tmp), samples)
         if snr < config.floor:
+            hint = "" if config.keep_float else (" Models with outlier activations (e.g. SmolLM2's MLP down "
+                                                 "projection inputs) quantize better with keep_float / "
+                                                 "--keep-float down_proj.")
             raise QuantQualityError(f"{config.mode.value}: logits SNR {snr:.1f} dB is below the floor of "
-                                    f"{config.floor:.1f} dB; nothing was written")
+                                    f"{config.floor:.1f} dB; nothing was written.{hint}")
         manifest = _manifest(source, model_path, tmp, config, chosen, skipped, snr)
         (tmp / QUANT_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest

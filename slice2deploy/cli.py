@@ -101,6 +101,8 @@ def _quantize_parser(sub) -> None:
     parser.add_argument("--method", default="rtn", choices=["rtn", "hqq"], help="INT4 weight quantizer (default rtn)")
     parser.add_argument("--quantize-head", action="store_true", help="also quantize an untied lm_head")
     parser.add_argument("--keep-shortcuts", action="store_true", help="keep residual shortcut matrices in float")
+    parser.add_argument("--keep-float", action="append", default=[], metavar="NAME",
+                        help="leave MatMuls whose node name contains NAME in float (repeatable), e.g. down_proj")
     parser.add_argument("--calib", default="builtin", help=DATA_HELP + " (int8-static ranges and the quality gate)")
     parser.add_argument("--calib-samples", type=int, default=8)
     parser.add_argument("--calib-seqlen", type=int, default=128)
@@ -116,10 +118,17 @@ def _info_parser(sub) -> None:
     parser.set_defaults(handler=_run_info)
 
 
+def _build_engine_parser(sub) -> None:
+    from exporters.tensorrt_cli import add_build_engine_parser
+
+    add_build_engine_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slice2deploy", description="Slice LLMs (SliceGPT) and deploy them.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_slice_parser, _eval_parser, _generate_parser, _export_parser, _quantize_parser, _info_parser):
+    for add in (_slice_parser, _eval_parser, _generate_parser, _export_parser, _quantize_parser,
+                _build_engine_parser, _info_parser):
         add(sub)
     return parser
 
@@ -187,6 +196,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
     config = QuantConfig(mode=args.mode, block_size=args.block_size, method=args.method,
                          quantize_head=args.quantize_head, quantize_shortcuts=not args.keep_shortcuts,
+                         keep_float=tuple(args.keep_float),
                          calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                          snr_floor_db=args.snr_floor)
     manifest = quantize_onnx(args.onnx_dir, args.output, config, overwrite=args.overwrite)

@@ -121,3 +121,16 @@ def test_cli_quantize_then_info_and_eval(dense_onnx, tiny_text_file, tmp_path, c
     assert result["backend"] == "onnxruntime" and result["perplexity"] > 1
     assert main(["quantize", str(dense_onnx), "-o", str(tmp_path / "x"), "--mode", "int4", "--block-size", "24"]) == 2
     assert "power of two" in capsys.readouterr().err
+
+
+def test_keep_float_and_gemm_handling(tiny_text_file, tmp_path):
+    source = _export(tiny_model("opt"), tmp_path / "opt")
+    manifest = quantize_onnx(source, tmp_path / "int8", _config(tiny_text_file, mode="int8-dynamic",
+                                                                keep_float=("fc2",)))
+    kept = [u for u in manifest["unquantized"] if u["reason"].startswith("kept in float")]
+    assert len(kept) == 2 and all("fc2" in u["node"] for u in kept)
+    int4 = quantize_onnx(source, tmp_path / "int4", _config(tiny_text_file, mode="int4", block_size=16))
+    gemms = [u for u in int4["unquantized"] if "MatMul nodes only" in u["reason"]]
+    source_gemms = [n for n in onnx.load(str(source / "model.onnx")).graph.node if n.op_type == "Gemm"]
+    assert len(gemms) == len(source_gemms) > 0  # counted and reported, never silently skipped
+    assert _op_types(tmp_path / "int4").count("MatMulNBits") == int4["quantized_matmuls"] > 0
