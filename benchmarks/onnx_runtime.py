@@ -29,7 +29,7 @@ QUANT_MODES = ("int8-dynamic", "int8-static", "int4")
 def _artifacts(args: argparse.Namespace) -> dict[str, Path]:
     """Build (or reuse) the sliced checkpoint, the fp32 exports and their quantized versions."""
     from exporters.onnx import OnnxExportConfig, export_pretrained
-    from exporters.quantize import QuantConfig, quantize_onnx
+    from exporters.quantize import QuantConfig, QuantQualityError, quantize_onnx
     from slice2deploy.api import CalibrationConfig, slice_pretrained
     from slice2deploy.slicing import SliceConfig
 
@@ -47,7 +47,12 @@ def _artifacts(args: argparse.Namespace) -> dict[str, Path]:
         for mode in QUANT_MODES:
             target = work / f"{name}-{mode}"
             if not (target / "model.onnx").exists():
-                quantize_onnx(fp32, target, QuantConfig(mode=mode, block_size=args.block_size), overwrite=True)
+                try:
+                    quantize_onnx(fp32, target, QuantConfig(mode=mode, block_size=args.block_size), overwrite=True)
+                except QuantQualityError as error:  # outlier activations: retry with the MLP down projection float
+                    print(f"{name} {mode}: {error} -> retrying with keep_float=down_proj", file=sys.stderr)
+                    quantize_onnx(fp32, target, QuantConfig(mode=mode, block_size=args.block_size,
+                                                            keep_float=("down_proj",)), overwrite=True)
             variants[f"{name}/{mode}"] = target
     return variants
 
@@ -79,7 +84,9 @@ def measure(directory: Path, evaluation, args: argparse.Namespace) -> dict:
     decode_tok_s = (args.decode_tokens - 1) / max((total_ms - first_ms) / 1000.0, 1e-9)
     result = runner.perplexity(evaluation, seqlen=512, batch_size=1, max_tokens=args.max_eval_tokens, progress=False)
     size = sum(p.stat().st_size for p in directory.iterdir() if p.suffix in (".onnx", ".data", ".onnx_data"))
+    quant = runner._json("slice2deploy_quant_manifest.json")
     return {
+        "keep_float": (quant.get("config") or {}).get("keep_float"), "logits_snr_db": quant.get("logits_snr_db"),
         "prefill_tokens": args.prefill_tokens, "prefill_ms": round(prefill_ms, 2), "prefill_spread_ms": round(
             prefill_spread, 2), "decode_batch": 1, "decode_tok_s": round(decode_tok_s, 2),
         "decode_spread_ms": round(decode_spread, 2), "perplexity": result.perplexity, "eval_tokens": result.tokens,
