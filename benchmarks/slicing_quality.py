@@ -95,7 +95,8 @@ def _child_command(args: argparse.Namespace, sparsity: float | None) -> list[str
 def markdown(records: list[dict], header: str) -> str:
     dense = next((r for r in records if r["variant"] == "dense"), None)
     lines = [header, "",
-             "| variant | tie | widths | parameters | vs dense | perplexity | vs dense | slicing s | peak RSS MB |",
+             "| variant | tie | widths | parameters | vs dense | perplexity | vs dense | slicing s "
+             "| peak RSS MB (load+slice / +eval) |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         params = r["parameters"]["total"]
@@ -104,8 +105,20 @@ def markdown(records: list[dict], header: str) -> str:
         widths = ",".join(str(w) for w in r.get("widths", [])) or "576 (dense)"
         slicing = "" if r["slicing_seconds"] is None else f"{r['slicing_seconds']:.1f}"
         lines.append(f"| {r['variant']} | {r['tie'] if r['sparsity'] is not None else '-'} | {widths} | {params:,} | "
-                     f"{p_ratio} | {r['perplexity']:.2f} | {q_ratio} | {slicing} | {r['peak_rss_mb']:.0f} |")
+                     f"{p_ratio} | {r['perplexity']:.2f} | {q_ratio} | {slicing} | {r['peak_rss_mb_slicing']:.0f} / "
+                     f"{r['peak_rss_mb']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def report(name: str) -> str:
+    """Rewrite ``<name>.md`` from ``<name>.jsonl`` (e.g. after changing the table's layout)."""
+    from slice2deploy.utils import atomic_write_text
+
+    records = [json.loads(line) for line in (RESULTS / f"{name}.jsonl").read_text().splitlines() if line]
+    old = (RESULTS / f"{name}.md").read_text().split("\n\n| variant")[0]
+    text = markdown(records, old.rstrip())
+    atomic_write_text(RESULTS / f"{name}.md", text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
