@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Sequence
 from enum import Enum
@@ -18,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
-from slice2deploy.evaluate import PerplexityResult, _same_length_batches, _windows
+from slice2deploy.evaluate import PerplexityResult, windowed_perplexity
 from slice2deploy.utils import UserInputError
 
 MODEL_FILE = "model.onnx"  # the export directory layout, shared with exporters.onnx
@@ -321,33 +319,13 @@ class OrtCausalLM:
     def perplexity(self, token_ids, seqlen: int = 512, batch_size: int = 4, max_tokens: int | None = None,
                    progress: bool = False) -> PerplexityResult:
         """Perplexity over the same windows as :func:`slice2deploy.evaluate.perplexity` (same loss, float32)."""
-        from tqdm.auto import tqdm
-
         token_ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long)
-        if seqlen < 2:
-            raise UserInputError(f"seqlen must be >= 2, got {seqlen}")
-        if token_ids.dim() != 1:
-            raise UserInputError("token_ids must be a 1-D tensor")
-        windows = _windows(token_ids[:max_tokens] if max_tokens is not None else token_ids, seqlen)
-        if not windows:
-            raise UserInputError("the evaluation text has fewer than 2 tokens")
-        started = time.perf_counter()
-        total_nll, predicted = 0.0, 0
-        groups = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-        for group in tqdm(groups, desc="perplexity (onnxruntime)", disable=not progress):
-            for batch in _same_length_batches(group):
-                ids = torch.stack(batch)
-                logits, _ = self.forward(ids.numpy())
-                logits = torch.from_numpy(logits[:, :-1]).float()
-                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-                total_nll += float(nll)
-                predicted += ids[:, 1:].numel()
-        mean_nll = total_nll / predicted
-        return PerplexityResult(
-            perplexity=math.exp(mean_nll), nll=mean_nll, tokens=int(sum(w.numel() for w in windows)),
-            predicted_tokens=predicted, windows=len(windows), seqlen=seqlen,
-            seconds=round(time.perf_counter() - started, 3),
-        )
+
+        def logits(ids: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(self.forward(ids.numpy())[0])
+
+        return windowed_perplexity(logits, token_ids, seqlen, batch_size, max_tokens, progress,
+                                   desc="perplexity (onnxruntime)")
 
 
 def _shape(value) -> tuple[int, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -37,9 +38,10 @@ def _windows(token_ids: torch.Tensor, seqlen: int) -> list[torch.Tensor]:
     return windows
 
 
-def perplexity(model: nn.Module, token_ids: torch.Tensor, seqlen: int = 512, batch_size: int = 4,
-               max_tokens: int | None = None, progress: bool = True) -> PerplexityResult:
-    """Perplexity of ``model`` on a 1-D token stream, window by window (no overlap, no context carried over)."""
+def windowed_perplexity(logits_fn: Callable[[torch.Tensor], torch.Tensor], token_ids: torch.Tensor,
+                        seqlen: int = 512, batch_size: int = 4, max_tokens: int | None = None,
+                        progress: bool = True, desc: str = "perplexity") -> PerplexityResult:
+    """Perplexity over non-overlapping windows; ``logits_fn`` maps (B, T) ids to (B, T, V) logits (any backend)."""
     if seqlen < 2:
         raise UserInputError(f"seqlen must be >= 2, got {seqlen}")
     if token_ids.dim() != 1:
@@ -49,24 +51,36 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seqlen: int = 512, bat
     windows = _windows(token_ids, seqlen)
     if not windows:
         raise UserInputError("the evaluation text has fewer than 2 tokens")
-    device = next(model.parameters()).device
     started = time.perf_counter()
     total_nll, predicted = 0.0, 0
     groups = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
     with torch.no_grad():
-        for group in tqdm(groups, desc="perplexity", disable=not progress):
+        for group in tqdm(groups, desc=desc, disable=not progress):
             for batch in _same_length_batches(group):
-                ids = torch.stack(batch).to(device)
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+                ids = torch.stack(batch)
+                logits = logits_fn(ids)[:, :-1]
+                targets = ids[:, 1:].to(logits.device)
+                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                      reduction="sum")
                 total_nll += float(nll)
-                predicted += ids[:, 1:].numel()
+                predicted += targets.numel()
     mean_nll = total_nll / predicted
     return PerplexityResult(
         perplexity=math.exp(mean_nll), nll=mean_nll, tokens=int(sum(w.numel() for w in windows)),
         predicted_tokens=predicted, windows=len(windows), seqlen=seqlen,
         seconds=round(time.perf_counter() - started, 3),
     )
+
+
+def perplexity(model: nn.Module, token_ids: torch.Tensor, seqlen: int = 512, batch_size: int = 4,
+               max_tokens: int | None = None, progress: bool = True) -> PerplexityResult:
+    """Perplexity of a PyTorch ``model`` on a 1-D token stream, window by window (no context carried over)."""
+    device = next(model.parameters()).device
+
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids.to(device), use_cache=False).logits
+
+    return windowed_perplexity(logits, token_ids, seqlen, batch_size, max_tokens, progress)
 
 
 def _same_length_batches(group: list[torch.Tensor]) -> list[list[torch.Tensor]]:
