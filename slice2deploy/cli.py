@@ -100,9 +100,9 @@ def _quantize_parser(sub) -> None:
                         help="INT4 block size along K (default 32); slice with --round-to equal to it")
     parser.add_argument("--method", default="rtn", choices=["rtn", "hqq"], help="INT4 weight quantizer (default rtn)")
     parser.add_argument("--quantize-head", action="store_true", help="also quantize an untied lm_head")
-    parser.add_argument("--shortcuts", choices=["auto", "quantize", "float"], default="auto",
-                        help="residual shortcut matrices: auto = quantized by int4, float under int8 (they read the "
-                             "raw residual stream and its outliers)")
+    parser.add_argument("--quantize-shortcuts", action="store_true",
+                        help="also quantize the residual shortcut matrices (default float: their error compounds "
+                             "over every layer)")
     parser.add_argument("--keep-float", action="append", default=[], metavar="NAME",
                         help="leave MatMuls whose node name contains NAME in float (repeatable), e.g. down_proj")
     parser.add_argument("--calib", default="builtin", help=DATA_HELP + " (int8-static ranges and the quality gate)")
@@ -197,7 +197,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from exporters.quantize import QuantConfig, quantize_onnx
 
     config = QuantConfig(mode=args.mode, block_size=args.block_size, method=args.method,
-                         quantize_head=args.quantize_head, quantize_shortcuts={"auto": None, "quantize": True, "float": False}[args.shortcuts],
+                         quantize_head=args.quantize_head, quantize_shortcuts=args.quantize_shortcuts,
                          keep_float=tuple(args.keep_float),
                          calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                          snr_floor_db=args.snr_floor)

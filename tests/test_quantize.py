@@ -81,10 +81,10 @@ def test_int4_on_a_sliced_model_rounded_to_the_block(tiny_text_file, tmp_path):
     sliced = slice_model(model, ids, None, SliceConfig(sparsity=0.4, round_to=16), progress=False)
     assert set(sliced.config.widths[1:]) == {16}
     source = _export(sliced, tmp_path / "sliced16")
-    manifest = quantize_onnx(source, tmp_path / "int4", _config(tiny_text_file, mode="int4", block_size=16))
+    manifest = quantize_onnx(source, tmp_path / "int4", _config(tiny_text_file, mode="int4", block_size=16,
+                                                                quantize_shortcuts=True))
     assert manifest["quantized_by_role"]["shortcut"] == 4 and manifest["quantized_by_role"]["mix"] == 1
-    no_shortcuts = quantize_onnx(source, tmp_path / "int4b", _config(tiny_text_file, mode="int4", block_size=16,
-                                                                   quantize_shortcuts=False))
+    no_shortcuts = quantize_onnx(source, tmp_path / "int4b", _config(tiny_text_file, mode="int4", block_size=16))
     assert "shortcut" not in no_shortcuts["quantized_by_role"]
     assert sum(u["role"] == "shortcut" for u in no_shortcuts["unquantized"]) == 4
 
