@@ -215,9 +215,16 @@ def _quantize_int4(source: Path, target: Path, nodes: list[str], config: QuantCo
     else:
         algo = DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=True, bits=4)
     model = onnx.load(str(source))
+    # onnxruntime treats nodes_to_include as a union with "every MatMul", not as a restriction: exclude the rest.
+    chosen = set(nodes)
+    exclude = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.name not in chosen]
     quantizer = MatMulNBitsQuantizer(model, block_size=config.block_size, is_symmetric=True,
-                                     nodes_to_include=nodes, algo_config=algo)
+                                     nodes_to_include=nodes, nodes_to_exclude=exclude, algo_config=algo)
     quantizer.process()
+    done = [n.name for n in quantizer.model.model.graph.node if n.op_type == "MatMulNBits"]
+    if len(done) != len(chosen):
+        raise Slice2DeployError(f"INT4: asked to quantize {len(chosen)} MatMuls, onnxruntime produced {len(done)} "
+                                "MatMulNBits nodes; refusing to report a plan that was not carried out")
     quantizer.model.save_model_to_file(str(target), use_external_data_format=_is_large(source))
 
 
