@@ -87,6 +87,11 @@ def test_int4_on_a_sliced_model_rounded_to_the_block(tiny_text_file, tmp_path):
     no_shortcuts = quantize_onnx(source, tmp_path / "int4b", _config(tiny_text_file, mode="int4", block_size=16))
     assert "shortcut" not in no_shortcuts["quantized_by_role"]
     assert sum(u["role"] == "shortcut" for u in no_shortcuts["unquantized"]) == 4
+    # the graph agrees with the manifest: shortcuts really are still float MatMuls (onnxruntime's include list is a
+    # union with "every MatMul", so a plan is only honoured when the rest is excluded)
+    graph = onnx.load(str(tmp_path / "int4b" / "model.onnx")).graph
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == no_shortcuts["quantized_matmuls"]
+    assert sum(n.op_type == "MatMul" and "_shortcut/" in n.name for n in graph.node) == 4
 
 
 def test_quality_floor_rejects_and_writes_nothing(dense_onnx, tiny_text_file, tmp_path):
