@@ -126,11 +126,23 @@ def _build_engine_parser(sub) -> None:
     add_build_engine_parser(sub)
 
 
+def _pipeline_parser(sub) -> None:
+    parser = sub.add_parser("pipeline", help="run a YAML recipe: slice, eval, export, quantize, bench, report",
+                            description="Chain slice -> eval -> export -> quantize -> (engine) -> bench -> report "
+                                        "as one YAML recipe says (see recipes/smollm2-cpu.yaml). Each step writes "
+                                        "OUT/<step>/ atomically with a manifest of its config and input hashes; a "
+                                        "rerun skips the steps that are finished and still match.")
+    parser.add_argument("recipe", help="recipe file, e.g. recipes/smollm2-cpu.yaml")
+    parser.add_argument("-o", "--output", required=True, help="output directory (created; reused on reruns)")
+    parser.add_argument("--force", action="store_true", help="rerun every step even if it is finished")
+    parser.set_defaults(handler=_run_pipeline)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slice2deploy", description="Slice LLMs (SliceGPT) and deploy them.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_slice_parser, _eval_parser, _generate_parser, _export_parser, _quantize_parser,
-                _build_engine_parser, _info_parser):
+                _build_engine_parser, _info_parser, _pipeline_parser):
         add(sub)
     return parser
 
@@ -227,6 +239,18 @@ def _run_info(args: argparse.Namespace) -> int:
         print("widths: " + " ".join(str(w) for w in info["widths"]))
     if "manifest" in info:
         print("manifest: " + json.dumps(info["manifest"], sort_keys=True, default=str))
+    return 0
+
+
+def _run_pipeline(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .pipeline import run_pipeline
+
+    statuses = run_pipeline(args.recipe, args.output, force=args.force)
+    ran = [s for s in statuses if s.status == "ran"]
+    print(f"{len(ran)} step(s) ran, {len(statuses) - len(ran)} skipped as finished; report: "
+          f"{Path(args.output) / 'report' / 'report.md'}")
     return 0
 
 

@@ -1,0 +1,325 @@
+"""Measuring one variant: machine description, memory bandwidth, prefill latency, decode throughput, peak memory.
+
+:func:`measure_variant` runs in a fresh process (``python -m slice2deploy.suite.measure SPEC.json OUT.json``,
+started by :func:`measure_in_subprocess`) so that its peak RSS belongs to that variant alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..utils import Slice2DeployError, UserInputError, atomic_write_text
+
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+# -- machine ---------------------------------------------------------------------------------------------------------
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def gpu_name(device: str) -> str | None:
+    import torch
+
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(torch.device(device))
+
+
+def machine(device: str = "cpu") -> dict[str, Any]:
+    """CPU model, usable cores, host memory, GPU model (when ``device`` is CUDA) and a one-line device name."""
+    import torch
+
+    gpu = gpu_name(device)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else None
+    return {"cpu": cpu_name(), "cores": usable_cores(), "torch_threads": torch.get_num_threads(),
+            "memory_gib": None if memory is None else round(memory, 1), "gpu": gpu, "platform": platform.platform(),
+            "device_name": gpu or f"{cpu_name()} ({usable_cores()} cores)"}
+
+
+def library_versions() -> dict[str, str]:
+    """slice2deploy, torch, transformers, python, and onnx / onnxruntime / tensorrt where installed."""
+    from importlib import metadata
+
+    from ..checkpoint import versions
+
+    found = versions()
+    for name in ("onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "numpy"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def memory_bandwidth(device: str = "cpu", mib: int = 512, repeats: int = 5) -> dict[str, Any]:
+    """Measured copy bandwidth: read + write bytes per second of a ``mib`` MiB tensor copy (torch, all threads).
+
+    The reference for "fraction of memory bandwidth" of decoding; measured on this machine, never assumed.
+    """
+    import torch
+
+    target = torch.device(device)
+    src = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=target)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 1):  # the first copy faults the pages in: warm-up
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    moved = 2 * src.numel() * 4
+    rates = [moved / t / 1e9 for t in times[1:]]
+    return {"gb_s": round(statistics.median(rates), 2), "best_gb_s": round(max(rates), 2), "method":
+            f"torch copy_ of {mib} MiB float32 on {device}, read+write bytes, median of {repeats}", "device": device}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(torch.device(device))
+
+
+# -- timing ----------------------------------------------------------------------------------------------------------
+def timed(fn: Callable[[], Any], warmup: int, repeats: int, device: str) -> list[float]:
+    """Wall times in ms of ``repeats`` calls after ``warmup`` untimed ones (device synchronized around each)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
+def summary(times_ms: list[float]) -> dict[str, float]:
+    return {"median_ms": round(statistics.median(times_ms), 3), "min_ms": round(min(times_ms), 3),
+            "max_ms": round(max(times_ms), 3), "repeats": len(times_ms)}
+
+
+# -- backends --------------------------------------------------------------------------------------------------------
+@dataclass
+class Runner:
+    """What the timing loops need from a backend: a forward with the KV cache and the weights' footprint."""
+
+    forward: Callable[[np.ndarray, Any], tuple[Any, Any]]  # (ids (B, T), past or None) -> (logits, past)
+    tokenizer: Any
+    weight_bytes: int
+    size_bytes: int
+    parameters: int | None
+
+
+def _dir_bytes(path: Path, suffixes: tuple[str, ...]) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.name.endswith(suffixes))
+
+
+def _torch_runner(artifact: str, precision: str, device: str) -> Runner:
+    import torch
+
+    from ..api import load
+
+    model, tokenizer, resolved = load(artifact, TORCH_DTYPES[precision], device)
+    model.eval()
+    unique = {id(p): p for p in model.parameters()}.values()  # a tied head is stored (and read) once
+
+    @torch.no_grad()
+    def forward(ids: np.ndarray, past: Any) -> tuple[Any, Any]:
+        out = model(input_ids=torch.as_tensor(ids, device=device), past_key_values=past, use_cache=True)
+        return out.logits, out.past_key_values
+
+    path = Path(resolved.path) / resolved.gguf_file if resolved.gguf_file else Path(resolved.path)
+    from ..sources import converted_dir
+
+    if resolved.gguf_file and converted_dir(resolved).is_dir():  # the float32 HF directory the GGUF became
+        path = converted_dir(resolved)
+    size = _dir_bytes(path, (".safetensors", ".bin", ".gguf")) if path.exists() else 0
+    return Runner(forward, tokenizer, sum(p.numel() * p.element_size() for p in unique), size,
+                  sum(p.numel() for p in unique))
+
+
+def _ort_runner(artifact: str, device: str) -> Runner:
+    from exporters.ort import OrtCausalLM
+
+    runner = OrtCausalLM(artifact, provider=device)
+    size = _dir_bytes(Path(artifact), (".onnx", ".data", ".onnx_data"))
+    return Runner(lambda ids, past: runner.forward(ids, past=past), runner.tokenizer(), size, size,
+                  runner.parameters)
+
+
+def _trt_runner(artifact: str, device: str) -> Runner:
+    from transformers import AutoTokenizer
+
+    from exporters.tensorrt import ENGINE_FILE, TrtCausalLM
+
+    engine = Path(artifact) / ENGINE_FILE
+    runner = TrtCausalLM(engine, device_index=int(device.partition(":")[2] or 0))
+    size = engine.stat().st_size
+    return Runner(lambda ids, past: runner.forward(ids, past=past), AutoTokenizer.from_pretrained(artifact), size,
+                  size, None)
+
+
+def make_runner(backend: str, artifact: str, precision: str, device: str) -> Runner:
+    if backend == "pytorch":
+        return _torch_runner(artifact, precision, device)
+    if backend == "onnxruntime":
+        return _ort_runner(artifact, device)
+    if backend == "tensorrt":
+        return _trt_runner(artifact, device)
+    raise UserInputError(f"unknown backend {backend!r}")
+
+
+def _next_tokens(logits: Any) -> np.ndarray:
+    last = logits[:, -1]
+    if hasattr(last, "detach"):  # torch
+        last = last.float().argmax(-1).cpu().numpy()
+    else:
+        last = np.asarray(last).argmax(-1)
+    return last.astype(np.int64)[:, None]  # (B, 1)
+
+
+def prompt_tokens(tokenizer: Any, data: str, length: int) -> np.ndarray:
+    """The first ``length`` ids of the evaluation text (repeated if the text is shorter): real prose, not noise."""
+    from ..data import load_text, token_stream
+
+    ids = token_stream(tokenizer, load_text(data, "evaluation")).numpy()
+    if ids.size == 0:
+        raise UserInputError(f"the evaluation text of {data!r} has no tokens")
+    return np.resize(ids, length).astype(np.int64)
+
+
+def measure_prefill(runner: Runner, tokens: np.ndarray, length: int, settings: dict, device: str) -> dict:
+    """Time to first token at batch 1: one forward over ``length`` prompt tokens and the greedy choice."""
+    ids = tokens[None, :length]
+    times = timed(lambda: _next_tokens(runner.forward(ids, None)[0]), settings["warmup"], settings["repeats"], device)
+    return {"batch": 1, "prompt_tokens": length, **summary(times)}
+
+
+def measure_decode(runner: Runner, tokens: np.ndarray, batch: int, settings: dict, device: str) -> dict:
+    """Greedy decode tokens/s at ``batch``: ``decode_tokens`` steps with the cache after an (untimed) prefill."""
+    prompt = np.stack([np.roll(tokens[: settings["decode_prompt"]], row) for row in range(batch)])
+    steps = settings["decode_tokens"]
+    times = []
+    for run in range(settings["warmup"] + settings["repeats"]):
+        logits, past = runner.forward(prompt, None)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            logits, past = runner.forward(_next_tokens(logits), past)
+        _next_tokens(logits)
+        sync(device)
+        if run >= settings["warmup"]:
+            times.append((time.perf_counter() - start) * 1000.0)
+    stats = summary([t / steps for t in times])  # per decode step
+    return {"batch": batch, "prompt_tokens": settings["decode_prompt"], "new_tokens": steps, **stats,
+            "tok_s": round(batch * 1000.0 / stats["median_ms"], 3)}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size. Linux: VmHWM, which starts afresh at exec (ru_maxrss would carry the
+    parent's peak across fork + exec, so every variant would report the pipeline's own peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024.0, 1)  # kB
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+
+
+def gpu_peak_mb(backend: str, device: str) -> float | None:
+    """torch's peak allocation for PyTorch; this process's NVML memory (ORT/TensorRT arenas keep their peak)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    if backend == "pytorch":
+        return round(torch.cuda.max_memory_allocated(torch.device(device)) / 2**20, 1)
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(int(device.partition(":")[2] or 0))
+    used = [p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid == os.getpid()]
+    return round(used[0] / 2**20, 1) if used and used[0] else None
+
+
+def measure_variant(spec: dict) -> dict:
+    """Every timing and memory figure of one variant (``spec``: backend, artifact, precision, device, data,
+    settings); runs in its own process."""
+    import torch
+
+    settings, device = spec["settings"], spec["device"]
+    if settings.get("threads"):
+        torch.set_num_threads(int(settings["threads"]))
+    runner = make_runner(spec["backend"], spec["artifact"], spec["precision"], device)
+    needed = max([*settings["prompt_lengths"], settings["decode_prompt"]])
+    tokens = prompt_tokens(runner.tokenizer, spec["data"], needed)
+    prefill = [measure_prefill(runner, tokens, n, settings, device) for n in settings["prompt_lengths"]]
+    decode = [measure_decode(runner, tokens, b, settings, device) for b in settings["decode_batches"]]
+    return {"prefill": prefill, "decode": decode, "weight_bytes": runner.weight_bytes,
+            "size_bytes": runner.size_bytes, "parameters": runner.parameters,
+            "peak_rss_mb": peak_rss_mb(),
+            "gpu_peak_mb": gpu_peak_mb(spec["backend"], device)}
+
+
+def measure_in_subprocess(spec: dict, work: Path, timeout: float | None = None) -> dict:
+    """:func:`measure_variant` in a fresh Python process; its stderr is shown on failure."""
+    spec_file, out_file = work / "measure_spec.json", work / "measure_result.json"
+    atomic_write_text(spec_file, json.dumps(spec, indent=1))
+    command = [sys.executable, "-m", "slice2deploy.suite.measure", str(spec_file), str(out_file)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise Slice2DeployError(f"measuring {spec['variant']} failed (exit {done.returncode}):\n"
+                                f"{done.stderr[-4000:]}")
+    result = json.loads(out_file.read_text())
+    spec_file.unlink()
+    out_file.unlink()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m slice2deploy.suite.measure SPEC.json OUT.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(args[0]).read_text())
+    atomic_write_text(args[1], json.dumps(measure_variant(spec)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
