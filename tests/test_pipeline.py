@@ -1,0 +1,189 @@
+"""The one-command pipeline: recipes, resume-safe steps, the report end to end on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from slice2deploy.cli import main
+from slice2deploy.pipeline import run_pipeline
+from slice2deploy.suite.recipe import load_recipe, validate_recipe
+from slice2deploy.suite.schema import validate_record
+from slice2deploy.suite.steps import STEP_MANIFEST, Step, run_steps
+from slice2deploy.utils import UserInputError
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("matplotlib")
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def tiny_recipe(model: Path, text: Path, /, **changes) -> dict:
+    recipe = {
+        "name": "tiny", "model": str(model), "profile": "cpu-quick", "sparsities": [0.0, 0.25],
+        "slice": {"round_to": 16, "calibration": {"source": str(text), "samples": 4, "seqlen": 32}},
+        "eval": {"data": str(text), "seqlen": 32, "max_tokens": 256},
+        "bench": {"backends": {"onnxruntime": ["fp32"]}, "prompt_lengths": [8, 16], "headline_prompt": 16,
+                  "decode_batches": [1, 2], "decode_prompt": 8, "decode_tokens": 4, "warmup": 1, "repeats": 2},
+    }
+    for key, value in changes.items():
+        section, _, name = key.partition(".")
+        if name:
+            recipe.setdefault(section, {})[name] = value
+        else:
+            recipe[section] = value
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, tiny_llama_dir, tiny_text_file):
+    """The tiny recipe run twice into one directory: (out, recipe path, first statuses, second statuses, mtimes)."""
+    work = tmp_path_factory.mktemp("pipeline")
+    recipe = write_recipe(work / "tiny.yaml", tiny_recipe(tiny_llama_dir, tiny_text_file))
+    out = work / "out"
+    first = run_pipeline(recipe, out, progress=False, log=False)
+    mtimes = {p.parent.name: p.stat().st_mtime_ns for p in out.glob(f"*/{STEP_MANIFEST}")}
+    second = run_pipeline(recipe, out, progress=False, log=False)
+    return out, recipe, first, second, mtimes
+
+
+def test_pipeline_writes_valid_records_report_and_plots(pipeline_run):
+    out, _, first, _, _ = pipeline_run
+    assert all(s.status == "ran" for s in first)
+    assert [s.key for s in first][0] == "slice-sliced-0.25" and first[-1].key == "report"
+    report = out / "report"
+    records = [json.loads(line) for line in (report / "results.jsonl").read_text().splitlines()]
+    assert [r["variant"] for r in records] == ["dense/onnxruntime-cpu/fp32", "sliced-0.25/onnxruntime-cpu/fp32"]
+    for record in records:
+        assert validate_record(record) == []
+        assert record["status"] == "ok" and record["prefill_ms"] > 0 and record["decode_tok_s"] > 0
+        assert record["peak_rss_mb"] > 0 and record["size_mb"] > 0 and record["perplexity"] > 1
+        assert record["memory_bandwidth_gb_s"] > 0 and record["bandwidth_fraction"] > 0
+        assert [p["prompt_tokens"] for p in record["prefill"]] == [8, 16]
+        assert [p["batch"] for p in record["decode"]] == [1, 2]
+    assert records[1]["size_mb"] < records[0]["size_mb"]  # the sliced export is smaller
+    text = (report / "report.md").read_text()
+    assert "| sliced-0.25/onnxruntime-cpu/fp32 |" in text and "GB/s" in text
+    for name in ("latency_vs_sparsity.png", "perplexity_vs_latency.png", "memory_size.png"):
+        data = (report / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+        assert f"]({name})" in text
+    assert not list(out.glob(".*partial*"))  # no leftovers from atomic writes
+
+
+def test_rerun_skips_finished_steps(pipeline_run):
+    out, _, first, second, mtimes = pipeline_run
+    assert [s.key for s in second] == [s.key for s in first]
+    assert all(s.status == "skipped" for s in second)
+    assert mtimes == {p.parent.name: p.stat().st_mtime_ns for p in out.glob(f"*/{STEP_MANIFEST}")}
+
+
+def test_changed_config_reruns_only_what_depends_on_it(pipeline_run, tiny_llama_dir, tiny_text_file, tmp_path):
+    out, _, _, _, _ = pipeline_run
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tiny_llama_dir, tiny_text_file, **{
+        "eval.max_tokens": 128}))
+    statuses = {s.key: s.status for s in run_pipeline(recipe, out, progress=False, log=False)}
+    ran = sorted(k for k, v in statuses.items() if v == "ran")
+    assert ran == ["eval-dense-onnxruntime-cpu-fp32", "eval-sliced-0.25-onnxruntime-cpu-fp32", "report"]
+    records = [json.loads(line) for line in (out / "report" / "results.jsonl").read_text().splitlines()]
+    assert {r["eval_tokens"] for r in records} == {128}
+
+
+def _writer(name: str, text: str, fail: bool = False):
+    def run(tmp: Path, upstream: dict) -> dict:
+        (tmp / name).write_text(text)
+        if fail:
+            raise RuntimeError("step failed on purpose")
+        return {"upstream": sorted(upstream)}
+
+    return run
+
+
+def test_failed_step_leaves_nothing_that_looks_finished(tmp_path):
+    with pytest.raises(RuntimeError, match="on purpose"):
+        run_steps([Step("a", "demo", {}, _writer("a.txt", "x")),
+                   Step("b", "demo", {}, _writer("b.txt", "y", fail=True), ["a"])], tmp_path, log=False)
+    assert (tmp_path / "a" / STEP_MANIFEST).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # neither b nor a temporary directory
+
+
+def test_tampered_output_or_changed_input_reruns(tmp_path):
+    steps = [Step("a", "demo", {"v": 1}, _writer("a.txt", "x")), Step("b", "demo", {}, _writer("b.txt", "y"), ["a"])]
+    run_steps(steps, tmp_path, log=False)
+    assert [s.status for s in run_steps(steps, tmp_path, log=False)[1]] == ["skipped", "skipped"]
+    (tmp_path / "b" / "b.txt").write_text("edited")
+    assert [s.status for s in run_steps(steps, tmp_path, log=False)[1]] == ["skipped", "ran"]
+    steps[0] = Step("a", "demo", {"v": 1}, _writer("a.txt", "changed output"))
+    (tmp_path / "a" / "a.txt").write_text("tampered")
+    assert [s.status for s in run_steps(steps, tmp_path, log=False)[1]] == ["ran", "ran"]  # b's input changed
+
+
+def test_shipped_cpu_recipe_is_valid():
+    recipe = load_recipe(RECIPES / "smollm2-cpu.yaml")
+    assert recipe.model == "smollm2-135m" and recipe.profile.name == "cpu-quick" and recipe.device == "cpu"
+    assert recipe.backends == {"pytorch": ["fp32"], "onnxruntime": ["fp32", "int8-dynamic", "int4"]}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.parametrize("name", ["smollm2-rtx.yaml", "smollm2-datacenter.yaml"])
+def test_gpu_recipes_refuse_without_gpu(name):
+    with pytest.raises(UserInputError, match=r"'bench.device'.*needs a CUDA GPU"):
+        load_recipe(RECIPES / name)
+
+
+BAD_RECIPES = [
+    ({"sparsity": [0.25]}, r"recipe key 'sparsity' is not known"),
+    ({"slice.round": 32}, r"recipe key 'slice.round' is not known"),
+    ({"slice.calibration": {"samples": 4, "seq": 8}}, r"'slice.calibration.seq' is not known"),
+    ({"model": None}, r"recipe key 'model' is required"),
+    ({"model": "./no/such/model"}, r"recipe key 'model': no such model"),
+    ({"profile": "laptop"}, r"recipe key 'profile': unknown profile 'laptop'"),
+    ({"bench.backends": {"pytorch": ["int4"]}}, r"'bench.backends.pytorch': precision 'int4' is not possible"),
+    ({"bench.backends": {"jax": ["fp32"]}}, r"'bench.backends.jax': unknown backend"),
+    ({"sparsities": [0.0, 1.5]}, r"'sparsities': 1.5 is not a number in \[0, 1\)"),
+    ({"bench.headline_prompt": 64}, r"'bench.headline_prompt': 64 is not one of"),
+    ({"bench.backends": {"onnxruntime": ["int4"]}, "slice.round_to": 8},
+     r"'slice.round_to': 8 is not a multiple of quantize.block_size 32"),
+]
+
+
+@pytest.mark.parametrize("changes, message", BAD_RECIPES)
+def test_bad_recipe_names_the_key(changes, message, tiny_llama_dir, tiny_text_file):
+    with pytest.raises(UserInputError, match=message):
+        validate_recipe(tiny_recipe(tiny_llama_dir, tiny_text_file, **changes))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_in_cpu_profile_without_gpu_is_refused(tiny_llama_dir, tiny_text_file):
+    with pytest.raises(UserInputError, match=r"'bench.device'.*needs a CUDA GPU"):
+        validate_recipe(tiny_recipe(tiny_llama_dir, tiny_text_file, **{"bench.device": "cuda"}))
+
+
+def test_tensorrt_without_tensorrt_is_refused_or_skipped(tiny_llama_dir, tiny_text_file):
+    from exporters.tensorrt import tensorrt_available
+
+    if tensorrt_available() and torch.cuda.is_available():
+        pytest.skip("TensorRT and a GPU are present")
+    with pytest.raises(UserInputError, match=r"'bench.backends.tensorrt': (TensorRT not installed|TensorRT needs)"):
+        validate_recipe(tiny_recipe(tiny_llama_dir, tiny_text_file, **{"bench.backends": {"tensorrt": ["fp16"]}}))
+    recipe = validate_recipe(tiny_recipe(tiny_llama_dir, tiny_text_file, **{"bench.if_available": {
+        "tensorrt": ["fp16"]}}))
+    assert "tensorrt" not in recipe.backends and recipe.skipped[0].startswith("tensorrt (fp16): skipped")
+
+
+def test_cli_reports_a_bad_recipe(tmp_path, capsys, tiny_llama_dir, tiny_text_file):
+    recipe = write_recipe(tmp_path / "bad.yaml", tiny_recipe(tiny_llama_dir, tiny_text_file, **{"slice.roundto": 4}))
+    assert main(["pipeline", str(recipe), "-o", str(tmp_path / "out")]) == 2
+    assert "recipe key 'slice.roundto' is not known" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # validated before anything is written
+    assert main(["pipeline", str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "out")]) == 2
+    assert "no recipe file" in capsys.readouterr().err
