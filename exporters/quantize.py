@@ -4,7 +4,7 @@ Only MatMul/Gemm nodes whose weight is a stored initializer are quantized: the a
 activations) and the mask arithmetic stay in float, because an unrestricted INT8 pass over a Llama graph
 quantizes the attention-mask path and wrecks the output. Every weight MatMul left in float is listed with
 the reason. The lm_head and the residual shortcut matrices are explicit choices (``quantize_head``,
-``quantize_shortcuts``). INT4 is weight-only ``MatMulNBits`` with blocks along K, so every quantized K (for a
+``shortcuts``). INT4 is weight-only ``MatMulNBits`` with blocks along K, so every quantized K (for a
 sliced model: the residual widths) must be a multiple of the block size — slice with ``--round-to`` equal to
 the block size.
 """
@@ -32,6 +32,14 @@ class QuantMode(str, Enum):
     INT8_DYNAMIC = "int8-dynamic"  # int8 weights (per channel), activations quantized at run time
     INT8_STATIC = "int8-static"  # QDQ: int8 weights per channel, activations per tensor from calibration
     INT4 = "int4"  # weight-only MatMulNBits, blocks of block_size along K
+
+
+class ShortcutPolicy(str, Enum):
+    """How the residual shortcut matrices of a sliced model are stored."""
+
+    FLOAT = "float"  # left as float MatMuls
+    WEIGHT_INT8 = "weight-int8"  # weight-only 8-bit blocks (MatMulNBits bits=8): activations stay float
+    SAME = "same"  # quantized like every other MatMul of the mode
 
 
 class Int4Method(str, Enum):
@@ -62,8 +70,9 @@ class QuantConfig:
     quantize_head: bool = False  # the head is the most sensitive layer (and shared with the embedding if tied)
     # The residual shortcut matrices of sliced models sit on the residual path itself, so their errors compound
     # over every layer, and they read the raw stream with its massive activations. Measured on sliced SmolLM2:
-    # INT8 dynamic (per-tensor activations) 3.0 dB logits SNR with them quantized. Float by default.
-    quantize_shortcuts: bool = False
+    # INT8 dynamic (per-tensor activations) 3.0 dB and INT4 6.6 dB logits SNR with them quantized like the rest.
+    # Weight-only 8-bit blocks keep the activations in float and cost a quarter of the float bytes.
+    shortcuts: ShortcutPolicy = ShortcutPolicy.WEIGHT_INT8
     keep_float: tuple[str, ...] = ()  # node-name substrings left in float (e.g. "down_proj": outlier inputs)
     calib: str = "builtin"  # text for int8-static ranges and for the quality gate
     calib_samples: int = 8
@@ -76,9 +85,11 @@ class QuantConfig:
         self.keep_float = tuple(self.keep_float)
         try:
             self.mode, self.method = QuantMode(self.mode), Int4Method(self.method)
+            self.shortcuts = ShortcutPolicy(self.shortcuts)
         except ValueError as error:
             raise UserInputError(f"{error}; modes: {', '.join(m.value for m in QuantMode)}; int4 methods: "
-                                 f"{', '.join(m.value for m in Int4Method)}") from error
+                                 f"{', '.join(m.value for m in Int4Method)}; shortcut policies: "
+                                 f"{', '.join(m.value for m in ShortcutPolicy)}") from error
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise UserInputError(f"block size must be a power of two >= 16, got {self.block_size}")
         if self.calib_samples < 1 or self.calib_seqlen < 2:
@@ -91,6 +102,7 @@ class QuantConfig:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["mode"], data["method"], data["keep_float"] = self.mode.value, self.method.value, list(self.keep_float)
+        data["shortcuts"] = self.shortcuts.value
         return data
 
 
@@ -131,17 +143,45 @@ def weight_matmuls(model) -> list[WeightMatMul]:
     return found
 
 
+@dataclass
+class QuantPlan:
+    chosen: list[WeightMatMul]  # quantized by the mode's quantizer
+    weight_int8: list[WeightMatMul]  # weight-only 8-bit blocks (residual shortcuts under ShortcutPolicy.WEIGHT_INT8)
+    skipped: list[dict]  # left in float, each with its reason
+
+
 def plan(matmuls: list[WeightMatMul], config: QuantConfig) -> tuple[list[WeightMatMul], list[dict]]:
-    """Which weight MatMuls to quantize, and every one left in float with its reason."""
-    chosen, skipped = [], []
+    """Which weight MatMuls the mode quantizes, and every one left in float with its reason."""
+    full = quant_plan(matmuls, config)
+    return full.chosen, full.skipped
+
+
+def _shortcut_choice(mm: WeightMatMul, config: QuantConfig) -> str | None:
+    """'mode', 'weight-int8', or None (float) for a shortcut MatMul, with the block-size rule of MatMulNBits."""
+    if config.shortcuts == ShortcutPolicy.SAME:
+        return "mode"
+    if config.shortcuts == ShortcutPolicy.WEIGHT_INT8 and mm.k % config.block_size == 0:
+        return "weight-int8"
+    return None
+
+
+def quant_plan(matmuls: list[WeightMatMul], config: QuantConfig) -> QuantPlan:
+    """Split the weight MatMuls into the mode's, the 8-bit weight-only ones and the float ones (with reasons)."""
+    chosen, weight_int8, skipped = [], [], []
     for mm in matmuls:
         reason = None
+        shortcut = _shortcut_choice(mm, config) if mm.role == "shortcut" and mm.weight is not None else "mode"
         if mm.weight is None:
             reason = "weight is computed in the graph (tied head shares the embedding table)"
         elif mm.role == "head" and not config.quantize_head:
             reason = "head kept in float (quantize_head=False)"
-        elif mm.role == "shortcut" and not config.quantize_shortcuts:
-            reason = "residual shortcut kept in float (quantize_shortcuts=False)"
+        elif shortcut is None:
+            reason = (f"residual shortcut kept in float (shortcuts={config.shortcuts.value}"
+                      + (f"; K={mm.k} is not a multiple of the block size {config.block_size})"
+                         if config.shortcuts == ShortcutPolicy.WEIGHT_INT8 else ")"))
+        elif shortcut == "weight-int8":
+            weight_int8.append(mm)
+            continue
         elif any(part in mm.node for part in config.keep_float):
             reason = "kept in float (keep_float)"
         elif config.mode == QuantMode.INT4 and mm.op_type != "MatMul":
@@ -158,9 +198,9 @@ def plan(matmuls: list[WeightMatMul], config: QuantConfig) -> tuple[list[WeightM
                 f"INT4 block size {config.block_size} does not divide the input width of {len(bad)} MatMul(s) "
                 f"(K = {', '.join(map(str, widths))}, e.g. {bad[0].node}); slice with --round-to "
                 f"{config.block_size} (or a multiple) or choose a block size that divides every width")
-    if not chosen:
+    if not chosen and not weight_int8:
         raise UserInputError("no weight MatMul left to quantize under this configuration")
-    return chosen, skipped
+    return QuantPlan(chosen, weight_int8, skipped)
 
 
 def _copy_side_files(source: Path, target: Path) -> None:
@@ -202,7 +242,8 @@ def _quantize_int8(source: Path, target: Path, nodes: list[str], config: QuantCo
     quantize_static(source, target, _Reader(runner, samples), **static, **common)
 
 
-def _quantize_int4(source: Path, target: Path, nodes: list[str], config: QuantConfig) -> None:
+def _quantize_nbits(source: Path, target: Path, nodes: list[str], config: QuantConfig, bits: int) -> None:
+    """Weight-only ``MatMulNBits`` (``bits`` = 4 or 8, blocks along K) on exactly ``nodes``; others untouched."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
@@ -210,20 +251,21 @@ def _quantize_int4(source: Path, target: Path, nodes: list[str], config: QuantCo
         MatMulNBitsQuantizer,
     )
 
-    if config.method == Int4Method.HQQ:
-        algo = HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=4)
+    if config.method == Int4Method.HQQ and bits == 4:
+        algo = HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=bits)
     else:
-        algo = DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=True, bits=4)
+        algo = DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=True, bits=bits)
     model = onnx.load(str(source))
+    before = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
     # onnxruntime treats nodes_to_include as a union with "every MatMul", not as a restriction: exclude the rest.
     chosen = set(nodes)
     exclude = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.name not in chosen]
-    quantizer = MatMulNBitsQuantizer(model, block_size=config.block_size, is_symmetric=True,
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=config.block_size, is_symmetric=True,
                                      nodes_to_include=nodes, nodes_to_exclude=exclude, algo_config=algo)
     quantizer.process()
-    done = [n.name for n in quantizer.model.model.graph.node if n.op_type == "MatMulNBits"]
-    if len(done) != len(chosen):
-        raise Slice2DeployError(f"INT4: asked to quantize {len(chosen)} MatMuls, onnxruntime produced {len(done)} "
+    done = sum(n.op_type == "MatMulNBits" for n in quantizer.model.model.graph.node) - before
+    if done != len(chosen):
+        raise Slice2DeployError(f"{bits}-bit: asked to quantize {len(chosen)} MatMuls, onnxruntime produced {done} "
                                 "MatMulNBits nodes; refusing to report a plan that was not carried out")
     quantizer.model.save_model_to_file(str(target), use_external_data_format=_is_large(source))
 
@@ -258,15 +300,21 @@ def quantize_onnx(source_dir: str | Path, out_dir: str | Path, config: QuantConf
         raise UserInputError("the output directory must differ from the input (inputs are never modified)")
     reference = OrtCausalLM(source)
     matmuls = weight_matmuls(onnx.load(str(model_path), load_external_data=False))
-    chosen, skipped = plan(matmuls, config)
+    full = quant_plan(matmuls, config)
     samples = _calibration_inputs(reference, config)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         _copy_side_files(source, tmp)
-        nodes = [mm.node for mm in chosen]
-        if config.mode == QuantMode.INT4:
-            _quantize_int4(model_path, tmp / MODEL_FILE, nodes, config)
-        else:
-            _quantize_int8(model_path, tmp / MODEL_FILE, nodes, config, reference, samples)
+        stage = model_path
+        if full.chosen:
+            stage = tmp / (".stage.onnx" if full.weight_int8 else MODEL_FILE)
+            nodes = [mm.node for mm in full.chosen]
+            if config.mode == QuantMode.INT4:
+                _quantize_nbits(model_path, stage, nodes, config, bits=4)
+            else:
+                _quantize_int8(model_path, stage, nodes, config, reference, samples)
+        if full.weight_int8:
+            _quantize_nbits(stage, tmp / MODEL_FILE, [mm.node for mm in full.weight_int8], config, bits=8)
+            _remove_model(stage, keep=model_path)
         snr = logits_snr_db(reference, OrtCausalLM(tmp), samples)
         if snr < config.floor:
             hint = "" if config.keep_float else (" Models with outlier activations (e.g. SmolLM2's MLP down "
@@ -274,24 +322,34 @@ def quantize_onnx(source_dir: str | Path, out_dir: str | Path, config: QuantConf
                                                  "--keep-float down_proj.")
             raise QuantQualityError(f"{config.mode.value}: logits SNR {snr:.1f} dB is below the floor of "
                                     f"{config.floor:.1f} dB; nothing was written.{hint}")
-        manifest = _manifest(source, model_path, tmp, config, chosen, skipped, snr)
+        manifest = _manifest(source, model_path, tmp, config, full, snr)
         (tmp / QUANT_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
 
-def _manifest(source: Path, model_path: Path, out: Path, config: QuantConfig, chosen: list[WeightMatMul],
-              skipped: list[dict], snr: float) -> dict:
+def _remove_model(path: Path, keep: Path) -> None:
+    """Delete an intermediate graph (and its external data) unless it is the untouched source."""
+    if path == keep:
+        return
+    for item in path.parent.glob(path.name + "*"):
+        item.unlink()
+
+
+def _manifest(source: Path, model_path: Path, out: Path, config: QuantConfig, full: QuantPlan, snr: float) -> dict:
     roles: dict[str, int] = {}
-    for mm in chosen:
+    for mm in full.chosen:
         roles[mm.role] = roles.get(mm.role, 0) + 1
     return {
         "command": sys.argv,
         "config": config.to_dict(),
         "source": {"directory": str(source.resolve()), "model_sha256": sha256_file(model_path)},
-        "quantized_matmuls": len(chosen),
+        "quantized_matmuls": len(full.chosen),
         "quantized_by_role": roles,
-        "unquantized": skipped,
-        "unquantized_count": len(skipped),
+        "weight_int8_matmuls": len(full.weight_int8),
+        "weight_int8_by_role": {role: sum(mm.role == role for mm in full.weight_int8)
+                                for role in sorted({mm.role for mm in full.weight_int8})},
+        "unquantized": full.skipped,
+        "unquantized_count": len(full.skipped),
         "size_bytes": {"source": _directory_bytes(source), "quantized": _directory_bytes(out)},
         "logits_snr_db": round(snr, 3),
         "snr_floor_db": config.floor,

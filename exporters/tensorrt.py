@@ -286,7 +286,8 @@ class TrtBuildConfig:
     def quant_config(self) -> QuantConfig:
         return QuantConfig(mode=self.quant_mode or QuantMode.INT8_STATIC, block_size=self.int4_block_size,
                            quantize_head=self.quantize_head, calib=self.calib, calib_samples=self.calib_samples,
-                           calib_seqlen=self.calib_seqlen, seed=self.seed)
+                           calib_seqlen=self.calib_seqlen, seed=self.seed,
+                           shortcuts="float")  # TensorRT Q/DQ graphs have no 8-bit weight-only MatMulNBits
 
     def resolved_profile(self, context_length: int | None = None) -> TrtProfile:
         profile = profile_preset(self.profile, context_length)

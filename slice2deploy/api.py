@@ -70,9 +70,67 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
+@dataclass
+class WidthPlan:
+    """How residual widths are chosen: ``uniform`` or ``spectrum`` (per-layer mode), under an optional budget.
+
+    Without ``target_params`` the budget is the real parameter count of uniform widths at the configured
+    sparsity, so ``spectrum`` redistributes the same parameters.
+    """
+
+    widths: str = "uniform"
+    target_params: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.widths not in ("uniform", "spectrum"):
+            raise UserInputError(f"widths must be 'uniform' or 'spectrum', got {self.widths!r}")
+        if self.target_params is not None and self.target_params < 1:
+            raise UserInputError(f"target parameters must be positive, got {self.target_params}")
+
+
+def resolve_widths(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: SliceConfig,
+                   plan: WidthPlan) -> None:
+    """Set ``config.widths`` from ``plan`` (unchanged for uniform widths at a sparsity) and record the plan."""
+    if plan.widths == "uniform" and plan.target_params is None:
+        return
+    if config.mode == "uniform":
+        from .uniform import uniform_width_for_target
+
+        if plan.widths == "spectrum":
+            raise UserInputError("uniform mode has one width for the whole stream: --widths spectrum needs "
+                                 "--mode per-layer")
+        config.widths = [uniform_width_for_target(model.config, plan.target_params, config.round_to)]
+    else:
+        from .slicing import plan_widths
+        from .spectrum import collect_spectra, parameter_cost, spectrum_widths, widths_for_target
+
+        cost = parameter_cost(model, config.tie)
+        target = plan.target_params
+        if target is None:  # the budget of uniform widths at the configured sparsity
+            target = cost.count(plan_widths(config, cost.hidden_size, cost.num_positions, cost.tied))
+        if plan.widths == "uniform":
+            config.widths = widths_for_target(cost, target, config.round_to)
+        else:
+            spectra = collect_spectra(model, input_ids, attention_mask, config.batch_size, config.device)
+            config.widths = spectrum_widths(spectra, cost, target, config.round_to)
+    config.extra = {**config.extra, "width_plan": asdict(plan)}
+
+
+def slicing_record(config) -> dict:
+    """Where a sliced model's config records how it was made (per-layer: ``slicing``; uniform: ``slice2deploy``)."""
+    record = getattr(config, "slicing", None)
+    return record if isinstance(record, dict) else config.slice2deploy
+
+
+def residual_widths(config) -> list[int]:
+    """Width of every residual position: recorded by per-layer models, one hidden size for uniform ones."""
+    widths = getattr(config, "widths", None)
+    return list(widths) if widths else [int(config.hidden_size)]
+
+
 def slice_pretrained(model_spec: str, output: str | Path, config: SliceConfig, calibration: CalibrationConfig,
                      dtype: str = "float32", overwrite: bool = False, progress: bool = True,
-                     trust_remote_code: bool = False) -> dict:
+                     trust_remote_code: bool = False, plan: WidthPlan | None = None) -> dict:
     """Load ``model_spec``, slice it on calibration text and save an HF checkpoint at ``output``; return a summary."""
     from .data import calibration_batch, load_text
 
@@ -87,16 +145,18 @@ def slice_pretrained(model_spec: str, output: str | Path, config: SliceConfig, c
                                                   calibration.seed)
     dense_parameters = count_parameters(model)
     loaded = time.perf_counter()
+    resolve_widths(model, input_ids, attention_mask, config, plan or WidthPlan())
     config.extra = {**config.extra, "calibration": {
         **asdict(calibration), "text_sha256": text.sha256, "tokens_sha256": sha256_bytes(input_ids.numpy().tobytes()),
     }}
     sliced = slice_model(model, input_ids, attention_mask, config, progress=progress)
     slicing_seconds = time.perf_counter() - loaded
-    sliced.config.slicing["source"] = {"spec": model_spec, "kind": resolved.kind, "sha256": resolved.sha256}
+    slicing_record(sliced.config)["source"] = {"spec": model_spec, "kind": resolved.kind, "sha256": resolved.sha256}
     sliced_parameters = count_parameters(sliced)
     summary = {
         "output": str(Path(output).resolve()),
-        "widths": sliced.config.widths,
+        "mode": config.mode,
+        "widths": residual_widths(sliced.config),
         "parameters": {"dense": dense_parameters, "sliced": sliced_parameters},
         "seconds": {"load_and_calibration_data": round(loaded - started, 2), "slicing": round(slicing_seconds, 2)},
         "peak_rss_mb": round(_peak_rss_mb(), 1),
@@ -214,6 +274,12 @@ def describe_checkpoint(directory: str | Path) -> dict:
         "parameters": parameters if weight_files else None,
         "size_bytes": sum(f.stat().st_size for f in weight_files),
     }
+    if isinstance(config.get("slice2deploy"), dict):  # uniform mode: a standard checkpoint of the source family
+        record = config["slice2deploy"]
+        info.update({"source_model_type": config.get("model_type"),
+                     "original_hidden_size": record.get("original_hidden_size"),
+                     "widths": [config["hidden_size"]], "width_range": [config["hidden_size"]] * 2,
+                     "tie_head": bool(config.get("tie_word_embeddings")), "slicing": record})
     if "widths" in config:
         widths = config["widths"]
         info.update({

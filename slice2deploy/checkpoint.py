@@ -31,16 +31,22 @@ def versions() -> dict[str, str]:
     }
 
 
-def save_sliced(model: SlicedForCausalLM, tokenizer, out_dir: str | Path, manifest: dict,
-                overwrite: bool = False) -> Path:
-    """Write ``model`` (safetensors + config + remote code), the tokenizer and a manifest, atomically."""
-    model.config.auto_map = {
-        "AutoConfig": f"{REMOTE_CODE_FILE[:-3]}.SlicedConfig",
-        "AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.SlicedForCausalLM",
-    }
+def save_sliced(model, tokenizer, out_dir: str | Path, manifest: dict, overwrite: bool = False) -> Path:
+    """Write ``model`` (safetensors + config), the tokenizer and a manifest, atomically.
+
+    A per-layer ``SlicedForCausalLM`` also gets its remote code; a uniform-mode model is a standard
+    checkpoint of its source family and needs none.
+    """
+    custom = isinstance(model, SlicedForCausalLM)
+    if custom:
+        model.config.auto_map = {
+            "AutoConfig": f"{REMOTE_CODE_FILE[:-3]}.SlicedConfig",
+            "AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.SlicedForCausalLM",
+        }
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        shutil.copyfile(modeling.__file__, tmp / REMOTE_CODE_FILE)
+        if custom:
+            shutil.copyfile(modeling.__file__, tmp / REMOTE_CODE_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}

@@ -27,8 +27,22 @@ def _slice_parser(sub) -> None:
                                         "the low-variance directions. Writes an HF model directory.")
     parser.add_argument("model", help=MODEL_HELP)
     parser.add_argument("-o", "--output", required=True, help="output directory (must be empty or absent)")
-    parser.add_argument("--sparsity", type=float, required=True,
-                        help="fraction of the hidden size to delete, in [0, 1)")
+    size = parser.add_mutually_exclusive_group(required=True)
+    size.add_argument("--sparsity", type=float, help="fraction of the hidden size to delete, in [0, 1)")
+    size.add_argument("--target-params", type=float, metavar="N",
+                      help="largest model (real parameters, embeddings/head/shortcuts included) to produce, e.g. 1.2e8")
+    parser.add_argument("--mode", default="per-layer", choices=["per-layer", "uniform"],
+                        help="per-layer: the paper's basis per residual position (custom architecture with shortcut "
+                             "matrices); uniform: one basis, a standard checkpoint of the source family with a "
+                             "smaller hidden size (default per-layer)")
+    parser.add_argument("--widths", default="uniform", choices=["uniform", "spectrum"],
+                        help="per-layer mode: the same width everywhere, or widths from each position's eigenvalue "
+                             "spectrum under the same parameter budget (default uniform)")
+    parser.add_argument("--pooling", default="token", choices=["token", "trace", "sum"],
+                        help="uniform mode: how the positions' covariances are pooled into one basis (default token)")
+    parser.add_argument("--incoherence", action="store_true",
+                        help="per-layer mode: random rotation inside each kept subspace (same function; "
+                             "activations without outlier coordinates for INT8 quantization)")
     parser.add_argument("--round-to", type=int, default=8, help="round widths down to a multiple of this (default 8)")
     parser.add_argument("--tie", default="keep", choices=["keep", "untie"],
                         help="tied embeddings: keep the tie (fewer parameters) or untie the head (default keep)")
@@ -100,9 +114,9 @@ def _quantize_parser(sub) -> None:
                         help="INT4 block size along K (default 32); slice with --round-to equal to it")
     parser.add_argument("--method", default="rtn", choices=["rtn", "hqq"], help="INT4 weight quantizer (default rtn)")
     parser.add_argument("--quantize-head", action="store_true", help="also quantize an untied lm_head")
-    parser.add_argument("--quantize-shortcuts", action="store_true",
-                        help="also quantize the residual shortcut matrices (default float: their error compounds "
-                             "over every layer)")
+    parser.add_argument("--shortcuts", default="weight-int8", choices=["float", "weight-int8", "same"],
+                        help="residual shortcut matrices of sliced models: weight-only 8-bit blocks (default), "
+                             "float, or quantized like the rest (their error compounds over every layer)")
     parser.add_argument("--keep-float", action="append", default=[], metavar="NAME",
                         help="leave MatMuls whose node name contains NAME in float (repeatable), e.g. down_proj")
     parser.add_argument("--calib", default="builtin", help=DATA_HELP + " (int8-static ranges and the quality gate)")
@@ -148,20 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_slice(args: argparse.Namespace) -> int:
-    from .api import CalibrationConfig, slice_pretrained
+    from .api import CalibrationConfig, WidthPlan, slice_pretrained
     from .slicing import SliceConfig
 
-    config = SliceConfig(sparsity=args.sparsity, round_to=args.round_to, tie=args.tie, device=args.device,
-                         batch_size=args.batch_size)
+    target = None if args.target_params is None else int(args.target_params)
+    config = SliceConfig(sparsity=args.sparsity or 0.0, round_to=args.round_to, tie=args.tie, device=args.device,
+                         batch_size=args.batch_size, mode=args.mode, pooling=args.pooling,
+                         incoherence=args.incoherence)
     calibration = CalibrationConfig(source=args.calib, samples=args.calib_samples, seqlen=args.calib_seqlen,
                                     seed=args.seed)
     summary = slice_pretrained(args.model, args.output, config, calibration, dtype=args.dtype,
-                               overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+                               overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
+                               plan=WidthPlan(widths=args.widths, target_params=target))
     dense, sliced = summary["parameters"]["dense"]["total"], summary["parameters"]["sliced"]["total"]
     widths = summary["widths"]
-    print(f"saved {summary['output']}")
-    print(f"widths {min(widths)}..{max(widths)} of {len(widths)} positions; parameters {dense:,} -> {sliced:,} "
-          f"({sliced / dense:.1%}); slicing {summary['seconds']['slicing']:.1f} s; peak RSS "
+    print(f"saved {summary['output']} ({summary['mode']} mode)")
+    budget = "" if target is None else f" (target {target:,})"
+    print(f"widths {min(widths)}..{max(widths)} of {len(widths)} positions; parameters {dense:,} -> {sliced:,}"
+          f"{budget} ({sliced / dense:.1%}); slicing {summary['seconds']['slicing']:.1f} s; peak RSS "
           f"{summary['peak_rss_mb']:.0f} MB")
     return 0
 
@@ -209,7 +227,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from exporters.quantize import QuantConfig, quantize_onnx
 
     config = QuantConfig(mode=args.mode, block_size=args.block_size, method=args.method,
-                         quantize_head=args.quantize_head, quantize_shortcuts=args.quantize_shortcuts,
+                         quantize_head=args.quantize_head, shortcuts=args.shortcuts,
                          keep_float=tuple(args.keep_float),
                          calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                          snr_floor_db=args.snr_floor)

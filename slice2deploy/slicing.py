@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .adapters import Adapter, get_adapter
 from .fold import TieMode, fold_norms
 from .modeling import SlicedConfig, SlicedDecoderLayer, SlicedForCausalLM, SlicedRMSNorm
-from .pca import CovarianceAccumulator, pca_basis
+from .pca import CovarianceAccumulator, pca_basis, random_orthogonal
 from .schedule import uniform_widths, validate_sparsity
 from .utils import UserInputError
 
@@ -34,11 +34,15 @@ class SliceConfig:
 
     sparsity: float = 0.25
     round_to: int = 8
+    mode: str = "per-layer"  # "per-layer" (the paper: a basis per position) or "uniform" (one basis, standard arch)
+    pooling: str = "token"  # uniform mode: how positions' covariances are pooled (slice2deploy.uniform.Pooling)
     tie: TieMode = TieMode.KEEP
     damping: float = 0.01
     batch_size: int = 8
     device: str = "cpu"
     widths: list[int] | None = None  # explicit per-position widths (overrides sparsity/round_to)
+    incoherence: bool = False  # rotate each kept subspace by a seeded random orthogonal matrix (see below)
+    rotation_seed: int = 0
     version: int = 1
     extra: dict = field(default_factory=dict)  # provenance (calibration source, seed, ...), stored verbatim
 
@@ -51,6 +55,12 @@ class SliceConfig:
             raise UserInputError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.damping < 0:
             raise UserInputError(f"damping must be >= 0, got {self.damping}")
+        if self.mode not in ("per-layer", "uniform"):
+            raise UserInputError(f"mode must be 'per-layer' or 'uniform', got {self.mode!r}")
+        if self.mode == "uniform" and self.incoherence:
+            raise UserInputError("incoherence rotations are a per-layer-mode option")
+        if self.mode == "uniform" and self.widths is not None and len(set(self.widths)) != 1:
+            raise UserInputError("uniform mode has one width for every position; pass a single width")
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -138,6 +148,27 @@ def pca_basis_fn(damping: float) -> BasisFn:
     return basis
 
 
+def incoherent_basis_fn(basis_fn: BasisFn, widths: list[int], seed: int) -> BasisFn:
+    """Follow ``basis_fn`` by a seeded Haar-random rotation of each position's kept columns.
+
+    The kept subspace (what slicing keeps) is unchanged, so the sliced model computes the same function;
+    only the coordinates inside it change. PCA puts the residual stream's outlier directions (massive
+    activations that the dense model's norm scales used to damp) on single coordinates, which per-tensor
+    INT8 activation quantization cannot represent; a random rotation spreads them over all k coordinates
+    (incoherence processing, as in QuIP#/QuaRot) so quantized sliced models lose far less.
+    """
+
+    def basis(position: int, covariance: CovarianceAccumulator) -> torch.Tensor:
+        full = basis_fn(position, covariance).clone()
+        width = widths[position]
+        generator = torch.Generator().manual_seed(seed * 100_003 + position)
+        rotation = random_orthogonal(width, generator).to(full.device)
+        full[:, :width] = full[:, :width] @ rotation
+        return full
+
+    return basis
+
+
 def _covariance_of(batches: list[_Batch], values: list[torch.Tensor], dim: int) -> CovarianceAccumulator:
     covariance = CovarianceAccumulator(dim, device=values[0].device)
     for batch, value in zip(batches, values):
@@ -196,7 +227,7 @@ def num_positions(adapter: Adapter, num_layers: int) -> int:
     return num_layers * len(adapter.stages) + 1
 
 
-def _plan_widths(config: SliceConfig, d: int, positions: int, tied: bool) -> list[int]:
+def plan_widths(config: SliceConfig, d: int, positions: int, tied: bool) -> list[int]:
     """Uniform widths; a head tied to the embedding keeps the embedding position at full width.
 
     A tied head can only use the embedding's kept subspace, and the embedding position's PCA (token
@@ -216,12 +247,15 @@ def _plan_widths(config: SliceConfig, d: int, positions: int, tied: bool) -> lis
 
 
 def slice_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                config: SliceConfig, basis_fn: BasisFn | None = None, progress: bool = True) -> SlicedForCausalLM:
+                config: SliceConfig, basis_fn: BasisFn | None = None, progress: bool = True) -> nn.Module:
     """Slice ``model`` (consumed: its modules are transformed in place) on the given calibration tokens.
 
-    ``basis_fn`` defaults to PCA of each position's calibration covariance; tests pass random orthogonal
-    bases to check that rotation alone is exact.
+    Per-layer mode returns a ``SlicedForCausalLM``; uniform mode a model of the source class with a smaller
+    ``hidden_size`` (see ``slice2deploy.uniform``). ``basis_fn`` defaults to PCA of each position's calibration
+    covariance; tests pass random orthogonal bases to check that rotation alone is exact.
     """
+    if config.mode == "uniform":
+        return _slice_uniform(model, input_ids, attention_mask, config, basis_fn, progress)
     adapter = get_adapter(model.config)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -234,7 +268,9 @@ def slice_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         d, eps = adapter.hidden_size(model.config), adapter.norm_eps(model.config)
         layers = adapter.get_layers(model)
         stages = [stage.as_dict() for stage in adapter.stages]
-        widths = _plan_widths(config, d, num_positions(adapter, len(layers)), tied)
+        widths = plan_widths(config, d, num_positions(adapter, len(layers)), tied)
+        if config.incoherence:
+            basis_fn = incoherent_basis_fn(basis_fn, widths, config.rotation_seed)
         batches = capture_layer_inputs(model, adapter, input_ids, attention_mask, config.batch_size, device)
         basis = basis_fn(0, _covariance_of(batches, [b.hidden for b in batches], d))  # source coordinates
         basis_first = basis[:, : widths[0]]
@@ -257,6 +293,20 @@ def slice_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     sliced = SlicedForCausalLM(sliced_config, base=model)
     sliced.generation_config = model.generation_config
     return sliced.eval()
+
+
+def _slice_uniform(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   config: SliceConfig, basis_fn, progress: bool) -> nn.Module:
+    from .uniform import slice_uniform
+
+    adapter = get_adapter(model.config)
+    d = adapter.hidden_size(model.config)
+    width = config.widths[0] if config.widths else uniform_widths(d, 1, config.sparsity, config.round_to)[0]
+    model.eval().to(torch.device(config.device))
+    standard, info = slice_uniform(model, input_ids, attention_mask, width, config.pooling, config.damping,
+                                   config.batch_size, basis_fn, progress)
+    standard.config.slice2deploy = {**info, **config.to_dict(), "widths": None}
+    return standard
 
 
 def _sliced_config(model: nn.Module, adapter: Adapter, config: SliceConfig, widths: list[int], tied: bool,

@@ -82,16 +82,37 @@ def test_int4_on_a_sliced_model_rounded_to_the_block(tiny_text_file, tmp_path):
     assert set(sliced.config.widths[1:]) == {16}
     source = _export(sliced, tmp_path / "sliced16")
     manifest = quantize_onnx(source, tmp_path / "int4", _config(tiny_text_file, mode="int4", block_size=16,
-                                                                quantize_shortcuts=True))
+                                                                shortcuts="same"))
     assert manifest["quantized_by_role"]["shortcut"] == 4 and manifest["quantized_by_role"]["mix"] == 1
-    no_shortcuts = quantize_onnx(source, tmp_path / "int4b", _config(tiny_text_file, mode="int4", block_size=16))
-    assert "shortcut" not in no_shortcuts["quantized_by_role"]
+    no_shortcuts = quantize_onnx(source, tmp_path / "int4b", _config(tiny_text_file, mode="int4", block_size=16,
+                                                                     shortcuts="float"))
+    assert "shortcut" not in no_shortcuts["quantized_by_role"] and no_shortcuts["weight_int8_matmuls"] == 0
     assert sum(u["role"] == "shortcut" for u in no_shortcuts["unquantized"]) == 4
     # the graph agrees with the manifest: shortcuts really are still float MatMuls (onnxruntime's include list is a
     # union with "every MatMul", so a plan is only honoured when the rest is excluded)
     graph = onnx.load(str(tmp_path / "int4b" / "model.onnx")).graph
     assert sum(n.op_type == "MatMulNBits" for n in graph.node) == no_shortcuts["quantized_matmuls"]
     assert sum(n.op_type == "MatMul" and "_shortcut/" in n.name for n in graph.node) == 4
+    # default: shortcuts as weight-only 8-bit blocks, every other weight MatMul as 4-bit blocks
+    default = quantize_onnx(source, tmp_path / "int4c", _config(tiny_text_file, mode="int4", block_size=16))
+    assert default["weight_int8_by_role"] == {"shortcut": 4} and "shortcut" not in default["quantized_by_role"]
+    nbits = [n for n in onnx.load(str(tmp_path / "int4c" / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nbits}
+    assert sorted(bits.values()).count(8) == 4 and sorted(bits.values()).count(4) == default["quantized_matmuls"]
+    assert all(b == 8 for name, b in bits.items() if "_shortcut/" in name)
+    assert default["logits_snr_db"] > no_shortcuts["logits_snr_db"] - 1.0  # 8-bit shortcuts cost little
+    assert not [p for p in (tmp_path / "int4c").iterdir() if p.name.startswith(".stage")]
+
+
+def test_int8_dynamic_with_weight_only_int8_shortcuts(tiny_text_file, tmp_path):
+    model = tiny_model("llama")
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    sliced = slice_model(model, ids, None, SliceConfig(sparsity=0.4, round_to=16), progress=False)
+    source = _export(sliced, tmp_path / "sliced16")
+    manifest = quantize_onnx(source, tmp_path / "int8", _config(tiny_text_file, mode="int8-dynamic", block_size=16))
+    assert manifest["weight_int8_by_role"] == {"shortcut": 4}
+    ops = _op_types(tmp_path / "int8")
+    assert ops.count("MatMulNBits") == 4 and ops.count("MatMulInteger") == manifest["quantized_matmuls"]
 
 
 def test_quality_floor_rejects_and_writes_nothing(dense_onnx, tiny_text_file, tmp_path):

@@ -169,3 +169,21 @@ def test_explicit_widths_are_validated():
     model = tiny_model("llama")
     with pytest.raises(UserInputError, match="explicit widths"):
         slice_model(model, _calibration(model), None, SliceConfig(widths=[8, 8]), progress=False)
+
+
+def test_incoherence_rotation_keeps_the_function_and_spreads_outliers(model_type):
+    """A random rotation inside each kept subspace changes coordinates only: logits stay those of plain PCA."""
+    model = tiny_model(model_type)
+    ids = _calibration(model)
+    plain = slice_model(copy.deepcopy(model), ids, None, SliceConfig(sparsity=0.25), progress=False)
+    rotated = slice_model(model, ids, None, SliceConfig(sparsity=0.25, incoherence=True), progress=False)
+    with torch.no_grad():
+        reference, logits = plain(ids).logits, rotated(ids).logits
+    assert (reference - logits).abs().max().item() <= 1e-4 * reference.abs().max().item()
+    assert rotated.config.slicing["incoherence"] is True
+    embed = rotated.config.layout["embeddings"][0]
+    a, b = plain.base.get_submodule(embed).weight, rotated.base.get_submodule(embed).weight
+    assert not torch.allclose(a, b, atol=1e-3)  # the coordinates did change
+    # PCA piles the variance onto the first coordinates; the rotation spreads it (max/mean of column energy)
+    energy_plain, energy_rotated = a.pow(2).sum(0), b.pow(2).sum(0)
+    assert (energy_rotated.max() / energy_rotated.mean()) < (energy_plain.max() / energy_plain.mean())

@@ -1,0 +1,210 @@
+"""Uniform-basis slicing: one orthogonal basis for the whole residual stream, no shortcut matrices.
+
+Per-layer SliceGPT gives every residual position its own basis, so each residual connection needs a
+``Q_inᵀ Q_out`` matrix and the result is a custom architecture. With a single basis ``Q`` (d × k) for every
+position the shortcuts are identities and vanish: the result is the *source architecture* with
+``hidden_size = k`` (head dimension, head counts and intermediate size kept), which any config-driven runtime
+loads. Exactness needs two things:
+
+- norm scales γ are folded into the readers (``W ← W diag γ``), then every reader is ``W Q`` and every writer
+  ``Qᵀ W``; the embedding is ``E Q`` and the head ``W_head diag γ_final Q``;
+- the source's RMSNorm normalises by d. A standard RMSNorm over k coordinates with weight ``√(d/k)`` and
+  ``eps · d/k`` computes ``x / √(Σx²/d + eps)`` exactly: ``√(d/k) · x / √(Σx²/k + eps·d/k)``.
+
+A tied head cannot stay tied: the final norm's γ would have to be a diagonal in the rotated basis, which it
+is not (the diagonal approximation was measured useless). The head is untied and counted honestly.
+
+The basis is the top-k eigenvectors of a pooled covariance of all residual positions, each position's
+covariance weighted so that no position (or token) dominates: see ``Pooling``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from enum import Enum
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from .adapters import Adapter, get_adapter
+from .fold import TieMode, fold_norms
+from .pca import CovarianceAccumulator, pca_basis
+from .utils import UserInputError
+
+
+class Pooling(str, Enum):
+    """How the residual positions' covariances are combined into one."""
+
+    SUM = "sum"  # plain sum: positions with large activations (late layers) dominate
+    TRACE = "trace"  # every position's covariance divided by its trace (the prototype)
+    TOKEN = "token"  # every token normalised to unit length before pooling (what the norms' readers see)
+
+
+# basis(covariance d × d float64) -> orthogonal d × d, columns by decreasing importance (tests pass random ones)
+UniformBasisFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _residual_inputs(model: nn.Module, adapter: Adapter) -> list[nn.Module]:
+    """The norms whose inputs are the residual positions: every stage's norm in order, then the final norm."""
+    norms = [layer.get_submodule(stage.norm) for layer in adapter.get_layers(model) for stage in adapter.stages]
+    return [*norms, model.get_submodule(adapter.final_norm)]
+
+
+def position_covariances(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         batch_size: int, pooling: Pooling, progress: bool = False) -> list[CovarianceAccumulator]:
+    """One forward pass of the dense model; the covariance of the stream entering every norm (padding masked)."""
+    norms = _residual_inputs(model, adapter)
+    d = adapter.hidden_size(model.config)
+    device = next(model.parameters()).device
+    accumulators = [CovarianceAccumulator(d, device=device) for _ in norms]
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(index: int):
+        def capture(module, args):
+            x = args[0].float()
+            if pooling == Pooling.TOKEN:
+                x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            accumulators[index].add(x, current["mask"])
+
+        return capture
+
+    handles = [norm.register_forward_pre_hook(hook(i)) for i, norm in enumerate(norms)]
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="calibration", disable=not progress):
+                ids = input_ids[start : start + batch_size].to(device)
+                current["mask"] = attention_mask[start : start + batch_size].to(device)
+                model(input_ids=ids, attention_mask=current["mask"], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return accumulators
+
+
+def pooled_covariance(accumulators: list[CovarianceAccumulator], pooling: Pooling) -> torch.Tensor:
+    """Combine per-position covariances (each divided by its token count) into one d × d matrix."""
+    pooled = torch.zeros_like(accumulators[0].matrix)
+    for accumulator in accumulators:
+        covariance = accumulator.matrix / max(accumulator.tokens, 1)
+        if pooling == Pooling.TRACE:
+            covariance = covariance / torch.trace(covariance).clamp_min(1e-30)
+        pooled += covariance
+    return pooled
+
+
+def uniform_config(config, k: int, d: int, eps: float):
+    """The source config with ``hidden_size = k``: head geometry kept, eps rescaled, head untied."""
+    new = copy.deepcopy(config)
+    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    new.hidden_size = k
+    new.head_dim = head_dim
+    new.rms_norm_eps = eps * d / k
+    new.tie_word_embeddings = False
+    return new
+
+
+def _rotate(linear: nn.Linear, basis: torch.Tensor, side: str) -> None:
+    """Reader: ``W ← W Q``; writer: ``W ← Qᵀ W`` and ``b ← Qᵀ b``."""
+    weight = linear.weight.detach().to(torch.float64)
+    dtype = linear.weight.dtype
+    if side == "reader":
+        linear.weight = nn.Parameter((weight @ basis).to(dtype))
+        return
+    linear.weight = nn.Parameter((basis.T @ weight).to(dtype))
+    if linear.bias is not None:
+        linear.bias = nn.Parameter((basis.T @ linear.bias.detach().to(torch.float64)).to(dtype))
+
+
+def rotate_all(model: nn.Module, adapter: Adapter, basis: torch.Tensor) -> None:
+    """Rotate and slice every weight that touches the (folded) residual stream with one basis (d × k)."""
+    for path in adapter.embeddings:
+        embedding = model.get_submodule(path)
+        weight = embedding.weight.detach().to(torch.float64)
+        embedding.weight = nn.Parameter((weight @ basis).to(embedding.weight.dtype))
+    for layer in adapter.get_layers(model):
+        for stage in adapter.stages:
+            for path in stage.readers:
+                _rotate(layer.get_submodule(path), basis, "reader")
+            for path in stage.writers:
+                _rotate(layer.get_submodule(path), basis, "writer")
+    _rotate(model.get_submodule(adapter.head), basis, "reader")
+
+
+def _standard_model(model: nn.Module, adapter: Adapter, k: int, d: int, eps: float) -> PreTrainedModel:
+    """Build the source class at hidden size k and load the rotated weights; norms get weight √(d/k)."""
+    config = uniform_config(model.config, k, d, eps)
+    dtype = next(model.parameters()).dtype
+    standard = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = standard.load_state_dict(model.state_dict(), strict=False)
+    norm_weights = {f"{adapter.layers}.{i}.{stage.norm}.weight" for i in range(len(adapter.get_layers(model)))
+                    for stage in adapter.stages} | {f"{adapter.final_norm}.weight"}
+    if set(missing) != norm_weights or unexpected:
+        extra_missing = sorted(set(missing) - norm_weights)
+        raise RuntimeError(f"uniform slicing: state-dict mismatch (missing {extra_missing}, unexpected "
+                           f"{sorted(unexpected)})")
+    with torch.no_grad():
+        for name in norm_weights:
+            standard.get_parameter(name).fill_(math.sqrt(d / k))
+    standard.generation_config = model.generation_config
+    return standard.eval()
+
+
+def check_uniform_supported(adapter: Adapter) -> None:
+    if adapter.norm_kind != "rms":
+        raise UserInputError("uniform mode needs an RMSNorm architecture (Llama, Mistral, Qwen2): a LayerNorm over "
+                             "the rotated stream would subtract a mean the stream no longer has; use --mode per-layer")
+
+
+def slice_uniform(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, width: int,
+                  pooling: Pooling | str = Pooling.TOKEN, damping: float = 0.01, batch_size: int = 8,
+                  basis_fn: UniformBasisFn | None = None, progress: bool = True) -> tuple[PreTrainedModel, dict]:
+    """Slice ``model`` (consumed) to a standard model of hidden size ``width``; return it and what was done."""
+    adapter = get_adapter(model.config)
+    check_uniform_supported(adapter)
+    pooling = Pooling(pooling)
+    d, eps = adapter.hidden_size(model.config), adapter.norm_eps(model.config)
+    if not 1 <= width <= d:
+        raise UserInputError(f"uniform width must be in [1, {d}], got {width}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    started = time.perf_counter()
+    model.eval()
+    accumulators = position_covariances(model, adapter, input_ids, attention_mask, batch_size, pooling, progress)
+    pooled = pooled_covariance(accumulators, pooling)
+    full = basis_fn(pooled) if basis_fn is not None else pca_basis(pooled, damping)[1]
+    eigenvalues = torch.linalg.eigvalsh(pooled).flip(0)
+    with torch.no_grad():
+        fold_norms(model, adapter, TieMode.UNTIE)
+        rotate_all(model, adapter, full[:, :width].to(next(model.parameters()).device))
+        standard = _standard_model(model, adapter, width, d, eps)
+    kept = float(eigenvalues[:width].sum() / eigenvalues.sum())
+    info = {"method": "slicegpt", "mode": "uniform", "pooling": pooling.value, "width": width,
+            "original_hidden_size": d, "damping": damping, "explained_variance": round(kept, 6),
+            "seconds": round(time.perf_counter() - started, 3)}
+    return standard, info
+
+
+def uniform_parameter_count(config, width: int) -> int:
+    """Exact parameters of the uniform-mode model of hidden size ``width`` (built on the meta device)."""
+    d = int(config.hidden_size)
+    eps = float(getattr(config, "rms_norm_eps", 1e-6))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(uniform_config(config, width, d, eps))
+    return sum(p.numel() for p in model.parameters())
+
+
+def uniform_width_for_target(config, target_params: int, round_to: int = 8) -> int:
+    """The largest width (a multiple of ``round_to``, or d) whose uniform-mode model has <= ``target_params``."""
+    d = int(config.hidden_size)
+    candidates = sorted({d, *range(round_to, d + 1, round_to)}, reverse=True)
+    for width in candidates:
+        if uniform_parameter_count(config, width) <= target_params:
+            return width
+    smallest = uniform_parameter_count(config, candidates[-1])
+    raise UserInputError(f"target of {target_params:,} parameters is below the smallest uniform-mode model "
+                         f"({smallest:,} at width {candidates[-1]})")

@@ -1,0 +1,172 @@
+"""Uniform-basis mode: exact at full width, a standard checkpoint that plain transformers loads, honest counts."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from slice2deploy.checkpoint import REMOTE_CODE_FILE, save_sliced
+from slice2deploy.evaluate import count_parameters
+from slice2deploy.pca import random_orthogonal
+from slice2deploy.slicing import SliceConfig, slice_model
+from slice2deploy.uniform import Pooling
+from slice2deploy.utils import UserInputError
+
+from .conftest import tiny_model, tiny_tokenizer
+
+RMS_TYPES = ["llama", "mistral", "qwen2"]
+
+
+def _ids(model, n=6, length=24, seed=0):
+    return torch.randint(0, model.config.vocab_size, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _max_rel_diff(reference: torch.Tensor, other: torch.Tensor) -> float:
+    return ((reference - other).abs().max() / reference.abs().max()).item()
+
+
+@pytest.mark.parametrize("model_type", RMS_TYPES)
+def test_full_width_with_a_random_basis_is_exact(model_type):
+    model = tiny_model(model_type)
+    ids = _ids(model)
+    with torch.no_grad():
+        reference = model(ids).logits
+    d = model.config.hidden_size
+    rotation = random_orthogonal(d, torch.Generator().manual_seed(1))
+    sliced = slice_model(model, ids, None, SliceConfig(mode="uniform", sparsity=0.0),
+                         basis_fn=lambda covariance: rotation, progress=False)
+    assert type(sliced).__name__ == f"{type(model).__name__}" and sliced.config.hidden_size == d
+    with torch.no_grad():
+        logits = sliced(ids).logits
+    assert _max_rel_diff(reference, logits) <= 1e-4
+
+
+@pytest.mark.parametrize("pooling", [p.value for p in Pooling])
+def test_sliced_widths_norms_and_counts(pooling):
+    model = tiny_model("llama")
+    dense = count_parameters(model)["total"]
+    ids = _ids(model)
+    sliced = slice_model(model, ids, None, SliceConfig(mode="uniform", sparsity=0.25, pooling=pooling),
+                         progress=False)
+    config = sliced.config
+    assert config.hidden_size == 24 and config.head_dim == 8 and config.num_attention_heads == 4
+    assert config.tie_word_embeddings is False
+    assert config.rms_norm_eps == pytest.approx(1e-6 * 32 / 24)
+    assert torch.allclose(sliced.model.norm.weight, torch.full((24,), (32 / 24) ** 0.5))
+    assert sliced.model.embed_tokens.weight.shape == (96, 24) and sliced.lm_head.weight.shape == (96, 24)
+    assert sliced.model.embed_tokens.weight.data_ptr() != sliced.lm_head.weight.data_ptr()
+    counts = count_parameters(sliced)["total"]
+    assert counts == sum(p.numel() for p in sliced.parameters())
+    assert counts != dense
+    assert config.slice2deploy["mode"] == "uniform" and config.slice2deploy["pooling"] == pooling
+    assert 0 < config.slice2deploy["explained_variance"] <= 1
+    with torch.no_grad():
+        assert torch.isfinite(sliced(ids).logits).all()
+
+
+def test_layernorm_models_are_refused():
+    model = tiny_model("opt")
+    with pytest.raises(UserInputError, match="RMSNorm architecture"):
+        slice_model(model, _ids(model), None, SliceConfig(mode="uniform", sparsity=0.25), progress=False)
+
+
+def test_bad_mode_and_widths():
+    with pytest.raises(UserInputError, match="per-layer"):
+        SliceConfig(mode="global")
+    with pytest.raises(UserInputError, match="single width"):
+        SliceConfig(mode="uniform", widths=[16, 24])
+
+
+def test_checkpoint_loads_with_plain_transformers(tmp_path):
+    """The saved model is a standard LlamaForCausalLM: a fresh interpreter loads it without slice2deploy."""
+    model = tiny_model("llama")
+    ids = _ids(model)
+    sliced = slice_model(model, ids, None, SliceConfig(mode="uniform", sparsity=0.25), progress=False)
+    out = tmp_path / "uniform"
+    save_sliced(sliced, tiny_tokenizer(), out, {"note": "test"})
+    assert not (out / REMOTE_CODE_FILE).exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "auto_map" not in config
+    with torch.no_grad():
+        expected = sliced(ids[:2]).logits
+    torch.save(ids[:2].clone(), tmp_path / "ids.pt")
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()\n"
+        "assert not any(name.startswith('slice2deploy') for name in sys.modules), 'slice2deploy was imported'\n"
+        f"ids = torch.load({str(tmp_path / 'ids.pt')!r}, weights_only=True)\n"
+        "with torch.no_grad():\n"
+        f"    torch.save(model(ids).logits, {str(tmp_path / 'logits.pt')!r})\n"
+        "print(type(model).__name__)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "LlamaForCausalLM"
+    logits = torch.load(tmp_path / "logits.pt", weights_only=True)
+    assert _max_rel_diff(expected, logits) <= 1e-5
+
+
+def test_uniform_beats_nothing_kept_and_keeps_generation():
+    """Sanity on the tiny model: greedy generation runs with the KV cache of the standard class."""
+    model = tiny_model("qwen2")
+    reference = copy.deepcopy(model)
+    ids = _ids(model)
+    sliced = slice_model(model, ids, None, SliceConfig(mode="uniform", sparsity=0.0), progress=False)
+    with torch.no_grad():
+        out = sliced.generate(ids[:1, :8], max_new_tokens=8, do_sample=False)
+        expected = reference.generate(ids[:1, :8], max_new_tokens=8, do_sample=False)
+    assert torch.equal(out, expected)  # full width PCA: the same function, the same greedy tokens
+
+
+def _cli_slice(tiny_llama_dir, tiny_text_file, out, *extra):
+    from slice2deploy.cli import main
+
+    return main(["slice", str(tiny_llama_dir), "-o", str(out), "--calib", str(tiny_text_file), "--calib-samples", "4",
+                 "--calib-seqlen", "16", *extra])
+
+
+def test_cli_uniform_mode_under_a_parameter_budget(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
+    from transformers import AutoConfig
+
+    from slice2deploy.cli import main
+    from slice2deploy.uniform import uniform_parameter_count
+
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    target = (uniform_parameter_count(config, 24) + uniform_parameter_count(config, 16)) // 2  # between two widths
+    assert _cli_slice(tiny_llama_dir, tiny_text_file, tmp_path / "u", "--mode", "uniform", "--target-params",
+                      str(target), "--round-to", "8") == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "u"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["widths"] == [16] and info["parameters"] == uniform_parameter_count(config, 16) <= target
+    assert info["slicing"]["mode"] == "uniform" and info["tie_head"] is False
+
+
+def test_cli_spectrum_widths_respect_the_budget(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
+    from slice2deploy.cli import main
+
+    assert _cli_slice(tiny_llama_dir, tiny_text_file, tmp_path / "uni", "--sparsity", "0.25") == 0
+    assert _cli_slice(tiny_llama_dir, tiny_text_file, tmp_path / "spec", "--sparsity", "0.25", "--widths",
+                      "spectrum") == 0
+    capsys.readouterr()
+    infos = []
+    for name in ("uni", "spec"):
+        assert main(["info", str(tmp_path / name), "--json"]) == 0
+        infos.append(json.loads(capsys.readouterr().out))
+    uniform, spectrum = infos
+    assert spectrum["parameters"] <= uniform["parameters"]  # the same budget, redistributed
+    assert spectrum["slicing"]["extra"]["width_plan"]["widths"] == "spectrum"
+    assert _cli_slice(tiny_llama_dir, tiny_text_file, tmp_path / "bad", "--mode", "uniform", "--sparsity", "0.25",
+                      "--widths", "spectrum") == 2
+    assert "--mode per-layer" in capsys.readouterr().err
+    assert _cli_slice(tiny_llama_dir, tiny_text_file, tmp_path / "tiny", "--target-params", "10") == 2
+    assert "below the smallest" in capsys.readouterr().err
