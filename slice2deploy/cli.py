@@ -149,6 +149,8 @@ def _pipeline_parser(sub) -> None:
     parser.add_argument("recipe", help="recipe file, e.g. recipes/smollm2-cpu.yaml")
     parser.add_argument("-o", "--output", required=True, help="output directory (created; reused on reruns)")
     parser.add_argument("--force", action="store_true", help="rerun every step even if it is finished")
+    parser.add_argument("--build-only", action="store_true",
+                        help="stop before the timing steps (build now, time later on a quiet machine)")
     parser.set_defaults(handler=_run_pipeline)
 
 
@@ -265,7 +267,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
 
     from .pipeline import run_pipeline
 
-    statuses = run_pipeline(args.recipe, args.output, force=args.force)
+    statuses = run_pipeline(args.recipe, args.output, force=args.force, build_only=args.build_only)
     ran = [s for s in statuses if s.status == "ran"]
     print(f"{len(ran)} step(s) ran, {len(statuses) - len(ran)} skipped as finished; report: "
           f"{Path(args.output) / 'report' / 'report.md'}")

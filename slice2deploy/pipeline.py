@@ -296,13 +296,23 @@ def plan(recipe: Recipe, progress: bool = True) -> list[Step]:
     return steps
 
 
+TIMING_KINDS = ("machine", "bench", "report")
+
+
 def run_pipeline(recipe_path: str | Path, out: str | Path, force: bool = False, progress: bool = True,
-                 log: bool = True) -> list[StepStatus]:
-    """Validate the recipe, then run (or skip) every step into ``out``; returns each step's status."""
+                 log: bool = True, build_only: bool = False) -> list[StepStatus]:
+    """Validate the recipe, then run (or skip) every step into ``out``; returns each step's status.
+
+    ``build_only``: stop before the timing steps (machine, bench, report), e.g. to build artifacts while the
+    machine is busy and time them later on a quiet one; a later full run skips what was built.
+    """
     recipe = load_recipe(recipe_path)
     out_dir = Path(out).expanduser().resolve()
     if out_dir.exists() and not out_dir.is_dir():
         raise UserInputError(f"output path {out_dir} exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _, statuses = run_steps(plan(recipe, progress), out_dir, force=force, log=log)
+    steps = plan(recipe, progress)
+    if build_only:
+        steps = [s for s in steps if s.kind not in TIMING_KINDS]
+    _, statuses = run_steps(steps, out_dir, force=force, log=log)
     return statuses
