@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--sparsities", default="0.25,0.4,0.1,0.2,0.3")
-    parser.add_argument("--rules", default="variance,variance@0.75",
+    parser.add_argument("--rules", default="bulk-variance,variance",
                         help="spectrum objectives, comma-separated; '<objective>@f' floors widths at f x uniform")
     parser.add_argument("--spectra-cache", default=None, help="torch file to reuse/store the calibration spectra")
     parser.add_argument("--min-width", type=int, default=None)

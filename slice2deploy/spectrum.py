@@ -207,6 +207,10 @@ class Objective(str, Enum):
 
     VARIANCE = "variance"  # explained fraction of the variance: Σ_{i<w} λ_i / Σ λ_i
     LOG_RESIDUAL = "log-residual"  # -log of the unexplained fraction (floored): halving any residual pays alike
+    # explained fraction of the variance *beyond the top min_width eigenvalues*, which every position keeps anyway:
+    # a few massive-activation directions (98% of the variance of half of SmolLM2's positions) then no longer
+    # make a position look fully explained at any width
+    BULK_VARIANCE = "bulk-variance"
 
 
 def allowed_widths(hidden_size: int, round_to: int, min_width: int) -> list[int]:
@@ -217,12 +221,14 @@ def allowed_widths(hidden_size: int, round_to: int, min_width: int) -> list[int]
     return widths if widths and widths[-1] == hidden_size else [*widths, hidden_size]
 
 
-def _scores(spectrum: torch.Tensor, objective: Objective, floor: float) -> list[float]:
-    """score[w] for w = 0..d: how much of the position a width w keeps."""
+def _scores(spectrum: torch.Tensor, objective: Objective, floor: float, kept: int) -> list[float]:
+    """score[w] for w = 0..d: how much of the position a width w keeps (``kept``: the smallest width)."""
     lam = spectrum.to(torch.float64).clamp_min(0)
+    if objective == Objective.BULK_VARIANCE:
+        lam = torch.cat([torch.zeros(kept, dtype=lam.dtype), lam[kept:]])
     total = float(lam.sum()) or 1.0
     explained = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(lam, 0)]) / total  # (d + 1,)
-    if objective == Objective.VARIANCE:
+    if objective in (Objective.VARIANCE, Objective.BULK_VARIANCE):
         return explained.tolist()
     return (-torch.log((1.0 - explained).clamp_min(0) + floor)).tolist()
 
@@ -266,7 +272,7 @@ def spectrum_widths(spectra: Sequence[torch.Tensor], cost: ParameterCost, target
     _check_budget(cost, widths, target_params)
     if target_params >= cost.count(_full_widths(cost)):
         return _full_widths(cost)
-    scores = [_scores(s, objective, floor) for s in spectra]
+    scores = [_scores(s, objective, floor, choices[0]) for s in spectra]
     following = {w: choices[i + 1] for i, w in enumerate(choices[:-1])}
     used = cost.count(widths)
     while True:

@@ -164,3 +164,19 @@ def test_impossible_budgets():
     assert spectrum_widths(spectra, cost, 10 * cost.dense) == full  # above the full-width count: full widths
     with pytest.raises(UserInputError, match="integers in"):
         cost.count([0] * cost.num_positions)
+
+
+def test_bulk_variance_ignores_massive_directions():
+    """A massive-activation direction makes the plain variance fraction look explained at any width; the bulk
+    objective (variance beyond the always-kept top min_width directions) treats such positions like the others."""
+    cost = parameter_cost(tiny_model("llama", hidden_size=64, intermediate_size=128))
+    d = cost.hidden_size
+    bulk = 0.97 ** torch.arange(d, dtype=torch.float64)
+    massive = bulk.clone()
+    massive[0] = 1e4 * float(bulk.sum())
+    spectra = [massive if position % 2 else bulk for position in range(cost.num_positions)]
+    target = cost.count(widths_for_target(cost, int(0.75 * cost.dense)))
+    plain = spectrum_widths(spectra, cost, target, objective="variance")
+    assert max(plain[1::2]) <= 16 and min(plain[2::2]) == d  # massive positions starved, the others full
+    balanced = spectrum_widths(spectra, cost, target, objective="bulk-variance")
+    assert min(balanced[1::2]) > max(plain[1::2]) and max(balanced[2::2]) < d
