@@ -253,7 +253,7 @@ def _check_budget(cost: ParameterCost, start: list[int], target_params: int) -> 
 
 
 def spectrum_widths(spectra: Sequence[torch.Tensor], cost: ParameterCost, target_params: int, round_to: int = 8,
-                    min_width: int | None = None, objective: Objective | str = Objective.VARIANCE,
+                    min_width: int | None = None, objective: Objective | str = Objective.BULK_VARIANCE,
                     floor: float = 1e-3) -> list[int]:
     """Per-position widths with ``cost.count(widths) <= target_params``, greedy on spectrum gain per parameter.
 
@@ -311,3 +311,25 @@ def widths_for_target(cost: ParameterCost, target_params: int, round_to: int = 8
             break
         best = widths
     return best
+
+
+def plan_widths(model: nn.Module, target_params: int, rule: str = "spectrum", input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, tie: TieMode | str = TieMode.KEEP, round_to: int = 8,
+                min_width: int | None = None, objective: Objective | str = Objective.BULK_VARIANCE,
+                batch_size: int = 8, device: str | torch.device = "cpu") -> list[int]:
+    """Widths for ``SliceConfig(widths=...)`` whose real count is <= ``target_params``: ``rule`` "uniform" or
+    "spectrum" (which needs the calibration ``input_ids``; one extra forward pass of the dense model).
+
+    Call it on the dense model *before* ``slice_model`` consumes it, with the same tie mode and calibration.
+    """
+    cost = parameter_cost(model, tie)
+    if rule == "uniform":
+        return widths_for_target(cost, target_params, round_to)
+    if rule != "spectrum":
+        raise UserInputError(f"unknown widths rule {rule!r}; choose uniform or spectrum")
+    if input_ids is None:
+        raise UserInputError("spectrum widths need calibration input_ids")
+    _check_budget(cost, _start_widths(cost, allowed_widths(cost.hidden_size, round_to, min_width or round_to)),
+                  target_params)  # fail before the forward pass
+    spectra = collect_spectra(model, input_ids, attention_mask, batch_size, device)
+    return spectrum_widths(spectra, cost, target_params, round_to, min_width, objective)

@@ -17,6 +17,7 @@ from slice2deploy.spectrum import (
     collect_spectra,
     parameter_cost,
     parameter_cost_from_config,
+    plan_widths,
     sliced_parameter_count,
     spectrum_widths,
     widths_for_target,
@@ -180,3 +181,15 @@ def test_bulk_variance_ignores_massive_directions():
     assert max(plain[1::2]) <= 16 and min(plain[2::2]) == d  # massive positions starved, the others full
     balanced = spectrum_widths(spectra, cost, target, objective="bulk-variance")
     assert min(balanced[1::2]) > max(plain[1::2]) and max(balanced[2::2]) < d
+
+
+@pytest.mark.parametrize("rule", ["uniform", "spectrum"])
+def test_plan_widths_then_slice(rule):
+    model = tiny_model("opt")
+    ids = _calibration(model)
+    target = int(0.8 * count_parameters(model)["total"])
+    widths = plan_widths(model, target, rule, input_ids=ids, tie="untie")
+    sliced = slice_model(copy.deepcopy(model), ids, None, SliceConfig(widths=widths, tie="untie"), progress=False)
+    assert count_parameters(sliced)["total"] <= target
+    with pytest.raises(UserInputError, match="below the smallest"):
+        plan_widths(model, 100, rule, input_ids=ids)
