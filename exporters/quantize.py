@@ -74,6 +74,12 @@ class QuantConfig:
     # Weight-only 8-bit blocks keep the activations in float and cost a quarter of the float bytes.
     shortcuts: ShortcutPolicy = ShortcutPolicy.WEIGHT_INT8
     keep_float: tuple[str, ...] = ()  # node-name substrings left in float (e.g. "down_proj": outlier inputs)
+    # node-name substrings stored as weight-only 8-bit blocks instead of the mode (mixed precision, like
+    # llama.cpp's Q4_K_M keeping down projections at higher precision); activations stay float
+    weight_int8: tuple[str, ...] = ()
+    # the token-embedding table (Gather; shared with a tied head) stored as float16 and cast to float32 when the
+    # session loads: half the bytes on disk, the same float32 arithmetic at run time. None keeps it float32.
+    embedding_dtype: str | None = None
     calib: str = "builtin"  # text for int8-static ranges and for the quality gate
     calib_samples: int = 8
     calib_seqlen: int = 128
@@ -82,7 +88,9 @@ class QuantConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
-        self.keep_float = tuple(self.keep_float)
+        self.keep_float, self.weight_int8 = tuple(self.keep_float), tuple(self.weight_int8)
+        if self.embedding_dtype not in (None, "float16"):
+            raise UserInputError(f"embedding_dtype must be None or 'float16', got {self.embedding_dtype!r}")
         try:
             self.mode, self.method = QuantMode(self.mode), Int4Method(self.method)
             self.shortcuts = ShortcutPolicy(self.shortcuts)
@@ -102,7 +110,7 @@ class QuantConfig:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["mode"], data["method"], data["keep_float"] = self.mode.value, self.method.value, list(self.keep_float)
-        data["shortcuts"] = self.shortcuts.value
+        data["shortcuts"], data["weight_int8"] = self.shortcuts.value, list(self.weight_int8)
         return data
 
 
@@ -184,6 +192,12 @@ def quant_plan(matmuls: list[WeightMatMul], config: QuantConfig) -> QuantPlan:
             continue
         elif any(part in mm.node for part in config.keep_float):
             reason = "kept in float (keep_float)"
+        elif any(part in mm.node for part in config.weight_int8) and mm.op_type == "MatMul":
+            if mm.k % config.block_size:
+                raise UserInputError(f"weight_int8: K={mm.k} of {mm.node} is not a multiple of the block size "
+                                     f"{config.block_size}")
+            weight_int8.append(mm)
+            continue
         elif config.mode == QuantMode.INT4 and mm.op_type != "MatMul":
             reason = f"{mm.op_type}: ONNX Runtime's MatMulNBits quantizer takes MatMul nodes only"
         if reason:
@@ -304,17 +318,8 @@ def quantize_onnx(source_dir: str | Path, out_dir: str | Path, config: QuantConf
     samples = _calibration_inputs(reference, config)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         _copy_side_files(source, tmp)
-        stage = model_path
-        if full.chosen:
-            stage = tmp / (".stage.onnx" if full.weight_int8 else MODEL_FILE)
-            nodes = [mm.node for mm in full.chosen]
-            if config.mode == QuantMode.INT4:
-                _quantize_nbits(model_path, stage, nodes, config, bits=4)
-            else:
-                _quantize_int8(model_path, stage, nodes, config, reference, samples)
-        if full.weight_int8:
-            _quantize_nbits(stage, tmp / MODEL_FILE, [mm.node for mm in full.weight_int8], config, bits=8)
-            _remove_model(stage, keep=model_path)
+        _run_passes(model_path, tmp, full, config, reference, samples)
+        embedding = None if not config.embedding_dtype else _embedding_name(tmp / MODEL_FILE)
         snr = logits_snr_db(reference, OrtCausalLM(tmp), samples)
         if snr < config.floor:
             hint = "" if config.keep_float else (" Models with outlier activations (e.g. SmolLM2's MLP down "
@@ -323,8 +328,63 @@ def quantize_onnx(source_dir: str | Path, out_dir: str | Path, config: QuantConf
             raise QuantQualityError(f"{config.mode.value}: logits SNR {snr:.1f} dB is below the floor of "
                                     f"{config.floor:.1f} dB; nothing was written.{hint}")
         manifest = _manifest(source, model_path, tmp, config, full, snr)
+        manifest["embedding_float16"] = embedding
         (tmp / QUANT_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def _run_passes(model_path: Path, out: Path, full: QuantPlan, config: QuantConfig, reference: OrtCausalLM,
+                samples: list[np.ndarray]) -> None:
+    """The mode's quantizer, then 8-bit weight-only blocks, then the float16 embedding: each pass reads the
+    previous graph and writes a new one in ``out``; the last becomes ``model.onnx``, intermediates are deleted."""
+    passes = []
+    if full.chosen:
+        nodes = [mm.node for mm in full.chosen]
+        if config.mode == QuantMode.INT4:
+            passes.append(lambda src, dst: _quantize_nbits(src, dst, nodes, config, bits=4))
+        else:
+            passes.append(lambda src, dst: _quantize_int8(src, dst, nodes, config, reference, samples))
+    if full.weight_int8:
+        nodes8 = [mm.node for mm in full.weight_int8]
+        passes.append(lambda src, dst: _quantize_nbits(src, dst, nodes8, config, bits=8))
+    if config.embedding_dtype:
+        passes.append(_embedding_to_float16)
+    stage = model_path
+    for index, run_pass in enumerate(passes):
+        target = out / (MODEL_FILE if index == len(passes) - 1 else f".stage{index}.onnx")
+        run_pass(stage, target)
+        _remove_model(stage, keep=model_path)
+        stage = target
+
+
+def _embedding_name(model_path: Path) -> str:
+    import onnx
+
+    casts = [n for n in onnx.load(str(model_path), load_external_data=False).graph.node
+             if n.op_type == "Cast" and n.name.endswith("/cast_to_float32")]
+    return casts[0].output[0]
+
+
+def _embedding_to_float16(source: Path, target: Path) -> None:
+    """Store the token-embedding table (the float initializer a Gather reads rows of) as float16 + a Cast node."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(source))
+    initializers = {t.name: t for t in model.graph.initializer}
+    tables = [n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in initializers
+              and initializers[n.input[0]].data_type == TensorProto.FLOAT and len(initializers[n.input[0]].dims) == 2]
+    if not tables:
+        raise UserInputError("embedding_dtype: no float token-embedding table (Gather of an initializer) found")
+    name = max(set(tables), key=lambda t: np.prod(initializers[t].dims))
+    table = initializers[name]
+    half = numpy_helper.from_array(numpy_helper.to_array(table).astype(np.float16), name=f"{name}.float16")
+    model.graph.initializer.remove(table)
+    model.graph.initializer.append(half)
+    model.graph.node.insert(0, helper.make_node("Cast", [half.name], [name], to=TensorProto.FLOAT,
+                                                name=f"{name}/cast_to_float32"))
+    onnx.save_model(model, str(target), save_as_external_data=_is_large(source), all_tensors_to_one_file=True,
+                    location=f"{target.name}.data")
 
 
 def _remove_model(path: Path, keep: Path) -> None:

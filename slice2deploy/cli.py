@@ -119,6 +119,12 @@ def _quantize_parser(sub) -> None:
                              "float, or quantized like the rest (their error compounds over every layer)")
     parser.add_argument("--keep-float", action="append", default=[], metavar="NAME",
                         help="leave MatMuls whose node name contains NAME in float (repeatable), e.g. down_proj")
+    parser.add_argument("--weight-int8", action="append", default=[], metavar="NAME",
+                        help="store MatMuls whose node name contains NAME as weight-only 8-bit blocks instead "
+                             "(repeatable; mixed precision, e.g. down_proj under int4)")
+    parser.add_argument("--embedding-dtype", default="float32", choices=["float32", "float16"],
+                        help="store the token-embedding table as float16 (cast to float32 at load: half the bytes "
+                             "on disk, the same arithmetic)")
     parser.add_argument("--calib", default="builtin", help=DATA_HELP + " (int8-static ranges and the quality gate)")
     parser.add_argument("--calib-samples", type=int, default=8)
     parser.add_argument("--calib-seqlen", type=int, default=128)
@@ -230,7 +236,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
     config = QuantConfig(mode=args.mode, block_size=args.block_size, method=args.method,
                          quantize_head=args.quantize_head, shortcuts=args.shortcuts,
-                         keep_float=tuple(args.keep_float),
+                         keep_float=tuple(args.keep_float), weight_int8=tuple(args.weight_int8),
+                         embedding_dtype=None if args.embedding_dtype == "float32" else args.embedding_dtype,
                          calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                          snr_floor_db=args.snr_floor)
     manifest = quantize_onnx(args.onnx_dir, args.output, config, overwrite=args.overwrite)

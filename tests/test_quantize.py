@@ -160,3 +160,23 @@ def test_keep_float_and_gemm_handling(tiny_text_file, tmp_path):
     source_gemms = [n for n in onnx.load(str(source / "model.onnx")).graph.node if n.op_type == "Gemm"]
     assert len(gemms) == len(source_gemms) > 0  # counted and reported, never silently skipped
     assert _op_types(tmp_path / "int4").count("MatMulNBits") == int4["quantized_matmuls"] > 0
+
+
+def test_mixed_precision_and_float16_embedding(dense_onnx, tiny_text_file, tmp_path):
+    out = tmp_path / "mixed"
+    manifest = quantize_onnx(dense_onnx, out, _config(tiny_text_file, mode="int4", block_size=16,
+                                                      weight_int8=("down_proj",), embedding_dtype="float16"))
+    graph = onnx.load(str(out / "model.onnx")).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nbits}
+    assert [b for name, b in bits.items() if "down_proj" in name] == [8, 8]
+    assert sum(b == 4 for b in bits.values()) == manifest["quantized_matmuls"] == 12
+    assert manifest["weight_int8_by_role"] == {"linear": 2}
+    table = manifest["embedding_float16"]
+    assert table and any(n.op_type == "Cast" and n.output[0] == table for n in graph.node)
+    stored = {t.name: t.data_type for t in graph.initializer}
+    assert stored[f"{table}.float16"] == onnx.TensorProto.FLOAT16 and table not in stored
+    plain = quantize_onnx(dense_onnx, tmp_path / "plain", _config(tiny_text_file, mode="int4", block_size=16))
+    assert manifest["size_bytes"]["quantized"] < plain["size_bytes"]["quantized"]
+    assert manifest["logits_snr_db"] >= plain["logits_snr_db"] - 0.5  # fp16 table, 8-bit down_proj: no worse
+    assert not [p for p in out.iterdir() if p.name.startswith(".stage")]
