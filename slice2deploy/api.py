@@ -101,18 +101,15 @@ def resolve_widths(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                  "--mode per-layer")
         config.widths = [uniform_width_for_target(model.config, plan.target_params, config.round_to)]
     else:
-        from .slicing import plan_widths
-        from .spectrum import collect_spectra, parameter_cost, spectrum_widths, widths_for_target
+        from .slicing import plan_widths as uniform_plan
+        from .spectrum import parameter_cost, plan_widths
 
-        cost = parameter_cost(model, config.tie)
         target = plan.target_params
         if target is None:  # the budget of uniform widths at the configured sparsity
-            target = cost.count(plan_widths(config, cost.hidden_size, cost.num_positions, cost.tied))
-        if plan.widths == "uniform":
-            config.widths = widths_for_target(cost, target, config.round_to)
-        else:
-            spectra = collect_spectra(model, input_ids, attention_mask, config.batch_size, config.device)
-            config.widths = spectrum_widths(spectra, cost, target, config.round_to)
+            cost = parameter_cost(model, config.tie)
+            target = cost.count(uniform_plan(config, cost.hidden_size, cost.num_positions, cost.tied))
+        config.widths = plan_widths(model, target, plan.widths, input_ids, attention_mask, config.tie,
+                                    config.round_to, batch_size=config.batch_size, device=config.device)
     config.extra = {**config.extra, "width_plan": asdict(plan)}
 
 
