@@ -128,13 +128,16 @@ def _export_step(recipe: Recipe, model: str, dtype: str) -> Step:
 def _quantize_step(recipe: Recipe, model: str, mode: str) -> Step:
     from exporters.quantize import QuantConfig, QuantQualityError, quantize_onnx
 
+    from .suite.recipe import quant_settings
+
     source = f"export-{model}-float32"
-    cfg = recipe.quantize
+    cfg = quant_settings(recipe.quantize, mode)
 
     def run(tmp: Path, upstream: dict[str, dict]) -> dict:
         config = QuantConfig(mode=mode, block_size=cfg["block_size"], method=cfg["method"],
-                             keep_float=tuple(cfg["keep_float"]), calib_samples=cfg["calib_samples"],
-                             snr_floor_db=cfg["snr_floor_db"])
+                             keep_float=tuple(cfg["keep_float"]), weight_int8=tuple(cfg["weight_int8"]),
+                             embedding_dtype=cfg["embedding_dtype"], shortcuts=cfg["shortcuts"],
+                             calib_samples=cfg["calib_samples"], snr_floor_db=cfg["snr_floor_db"])
         try:
             manifest = quantize_onnx(Path(upstream[source]["directory"]) / "onnx", tmp / "onnx", config,
                                      overwrite=True)

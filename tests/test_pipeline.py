@@ -153,6 +153,9 @@ BAD_RECIPES = [
     ({"bench.headline_prompt": 64}, r"'bench.headline_prompt': 64 is not one of"),
     ({"bench.backends": {"onnxruntime": ["int4"]}, "slice.round_to": 8},
      r"'slice.round_to': 8 is not a multiple of quantize.block_size 32"),
+    ({"quantize.modes": {"int3": {}}}, r"recipe key 'quantize.modes.int3' is not known"),
+    ({"quantize.modes": {"int4": {"bits": 3}}}, r"recipe key 'quantize.modes.int4.bits' is not known"),
+    ({"quantize.modes": {"int4": {"embedding_dtype": "int8"}}}, r"'quantize.modes.int4.embedding_dtype' must be"),
 ]
 
 
@@ -187,3 +190,12 @@ def test_cli_reports_a_bad_recipe(tmp_path, capsys, tiny_llama_dir, tiny_text_fi
     assert not (tmp_path / "out").exists()  # validated before anything is written
     assert main(["pipeline", str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "out")]) == 2
     assert "no recipe file" in capsys.readouterr().err
+
+
+def test_per_mode_quantize_settings():
+    from slice2deploy.suite.recipe import quant_settings
+
+    quantize = {"block_size": 32, "weight_int8": [], "modes": {"int4": {"weight_int8": ["down_proj"]}}}
+    assert quant_settings(quantize, "int4")["weight_int8"] == ["down_proj"]
+    assert quant_settings(quantize, "int8-dynamic")["weight_int8"] == []
+    assert "modes" not in quant_settings(quantize, "int4")

@@ -14,7 +14,8 @@ SECTIONS: dict[str, dict[str, Any]] = {  # section -> its keys and defaults
     "calibration": {"source": "builtin", "samples": 128, "seqlen": 512, "seed": 0},
     "eval": {"data": "builtin", "seqlen": 512, "batch_size": 4, "max_tokens": None},
     "export": {"opset": 18, "exporter": "torchscript"},
-    "quantize": {"block_size": 32, "method": "rtn", "keep_float": [], "calib_samples": 8, "snr_floor_db": None},
+    "quantize": {"block_size": 32, "method": "rtn", "keep_float": [], "weight_int8": [], "embedding_dtype": None,
+                 "shortcuts": "weight-int8", "calib_samples": 8, "snr_floor_db": None, "modes": {}},
     "engine": {"profile": None, "workspace_mib": None, "keep_float": []},
 }
 TOP_KEYS = ("name", "model", "profile", "sparsities", "slice", "eval", "export", "quantize", "engine", "bench")
@@ -62,6 +63,29 @@ def _check_keys(section: Any, allowed: tuple[str, ...] | dict, where: str) -> di
 def _section(data: dict, name: str, where: str | None = None) -> dict:
     given = _check_keys(data.get(name) or {}, tuple(SECTIONS[name]), where or name)
     return {**SECTIONS[name], **given}
+
+
+QUANT_MODES = ("int8-dynamic", "int8-static", "int4")
+
+
+def _check_quant_modes(quantize: dict) -> dict:
+    """``quantize.modes``: per-mode overrides of the other quantize keys, e.g. {int4: {weight_int8: [down_proj]}}."""
+    modes = _check_keys(quantize.get("modes") or {}, QUANT_MODES, "quantize.modes")
+    overridable = tuple(k for k in SECTIONS["quantize"] if k != "modes")
+    for mode, overrides in modes.items():
+        _check_keys(overrides or {}, overridable, f"quantize.modes.{mode}")
+    for where, settings in [("quantize", quantize), *((f"quantize.modes.{m}", o or {}) for m, o in modes.items())]:
+        if settings.get("embedding_dtype") not in (None, "float16"):
+            raise UserInputError(f"recipe key '{where}.embedding_dtype' must be null or float16")
+        if settings.get("shortcuts", "weight-int8") not in ("float", "weight-int8", "same"):
+            raise UserInputError(f"recipe key '{where}.shortcuts' must be float, weight-int8 or same")
+    return {**quantize, "modes": {mode: dict(overrides or {}) for mode, overrides in modes.items()}}
+
+
+def quant_settings(quantize: dict, mode: str) -> dict:
+    """The quantize keys that apply to ``mode`` (its overrides on top of the section's values)."""
+    base = {k: v for k, v in quantize.items() if k != "modes"}
+    return {**base, **quantize.get("modes", {}).get(mode, {})}
 
 
 def _check_model(spec: Any) -> str:
@@ -225,8 +249,8 @@ def validate_recipe(data: Any, path: str | None = None) -> Recipe:
     name = str(data.get("name") or Path(path or "recipe").stem)
     recipe = Recipe(name=name, model=model, profile=profile, sparsities=_check_sparsities(data.get("sparsities")),
                     slice=slice_cfg, eval=eval_cfg, export=_section(data, "export"),
-                    quantize=_section(data, "quantize"), engine=_section(data, "engine"), threads=threads,
-                    skipped=skipped, path=path)
+                    quantize=_check_quant_modes(_section(data, "quantize")), engine=_section(data, "engine"),
+                    threads=threads, skipped=skipped, path=path)
     _check_combinations(recipe)
     return recipe
 
