@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dense-perplexity", type=float, default=None, help="reuse a measured dense perplexity")
     parser.add_argument("--widths-only", action="store_true", help="print the width plans and stop")
     parser.add_argument("--name", default="widths_smollm2")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the records already in <name>.jsonl (other budgets/rules) and add these")
     args = parser.parse_args(argv)
 
     import torch
@@ -131,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{meta['machine']['torch']}, transformers {meta['machine']['transformers']}.  \n"
               f"Command: `{meta['command']}`")
     records: list[dict] = []
+    existing = RESULTS / f"{args.name}.jsonl"
+    if args.append and existing.is_file():
+        records = [json.loads(line) for line in existing.read_text().splitlines() if line]
     for s, entry in all_plans.items():
         for rule, widths in entry["plans"].items():
             started = time.perf_counter()
