@@ -10,7 +10,8 @@ Same calibration (64 x 512 built-in tokens, seed 0) and evaluation tokens as the
 ``results/modes_smollm2.jsonl`` (uniform-basis records) and, merged with the per-layer records,
 ``results/slicing_modes_smollm2.md`` and ``slicing_modes_smollm2.png``.
 
-    python -m benchmarks.slicing_modes --max-eval-tokens 16384     # the committed run
+    python -m benchmarks.slicing_modes --max-eval-tokens 16384     # the committed run (records are merged:
+    python -m benchmarks.slicing_modes --max-eval-tokens 16384 --pooling trace --sparsities 0.25   # + prototype)
     python -m benchmarks.slicing_modes --report                     # re-draw table and plot from the JSONL files
 """
 
@@ -86,7 +87,9 @@ def run(args: argparse.Namespace) -> None:
             "calibration": f"{args.calib_samples}x{args.calib_seqlen} builtin seed {args.seed}",
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
             "command": "python -m benchmarks.slicing_modes " + " ".join(sys.argv[1:])}
-    records = []
+    previous = [r for r in _read(RESULTS / "modes_smollm2.jsonl")
+                if not (r["rule"] == f"uniform-basis ({args.pooling})" and r["sparsity"] in sparsities)]
+    records = list(previous)
     for sparsity in sparsities:
         width = uniform_width_for_target(model.config, budgets[sparsity], args.round_to)
         record = _measure(args, width, calibration, evaluation, meta)
