@@ -11,7 +11,8 @@ Same calibration (64 x 512 built-in tokens, seed 0) and evaluation tokens as the
 ``results/slicing_modes_smollm2.md`` and ``slicing_modes_smollm2.png``.
 
     python -m benchmarks.slicing_modes --max-eval-tokens 16384     # the committed run (records are merged:
-    python -m benchmarks.slicing_modes --max-eval-tokens 16384 --pooling trace --sparsities 0.25   # + prototype)
+    python -m benchmarks.slicing_modes --max-eval-tokens 16384 --pooling trace --sparsities 0.25   # + prototype,
+    python -m benchmarks.slicing_modes --max-eval-tokens 16384 --sparsities 0.25 --own-width       # + k = 432)
     python -m benchmarks.slicing_modes --report                     # re-draw table and plot from the JSONL files
 """
 
@@ -49,6 +50,10 @@ def _budgets(model, sparsities: list[float], round_to: int) -> dict[float, int]:
     return budgets
 
 
+def _rule(args) -> str:
+    return f"uniform-basis ({args.pooling}{', k from sparsity' if args.own_width else ''})"
+
+
 def _measure(args, width: int, calibration, evaluation, meta: dict) -> dict:
     from slice2deploy.api import load
     from slice2deploy.evaluate import count_parameters, perplexity
@@ -61,7 +66,7 @@ def _measure(args, width: int, calibration, evaluation, meta: dict) -> dict:
     seconds = time.perf_counter() - started
     result = perplexity(sliced, evaluation, seqlen=args.seqlen, batch_size=4, max_tokens=args.max_eval_tokens,
                         progress=False)
-    return {"mode": "uniform-basis", "rule": f"uniform-basis ({args.pooling})", "width": width,
+    return {"mode": "uniform-basis", "rule": _rule(args), "width": width,
             "parameters": count_parameters(sliced)["total"], "perplexity": result.perplexity,
             "eval_tokens": result.tokens, "explained_variance": sliced.config.slice2deploy["explained_variance"],
             "slicing_seconds": round(seconds, 1), **meta}
@@ -72,6 +77,7 @@ def run(args: argparse.Namespace) -> None:
     from slice2deploy.api import load
     from slice2deploy.data import calibration_batch, load_text, token_stream
     from slice2deploy.evaluate import count_parameters, perplexity
+    from slice2deploy.schedule import uniform_width
     from slice2deploy.uniform import uniform_width_for_target
 
     sparsities = [float(s) for s in args.sparsities.split(",")]
@@ -88,10 +94,11 @@ def run(args: argparse.Namespace) -> None:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
             "command": "python -m benchmarks.slicing_modes " + " ".join(sys.argv[1:])}
     previous = [r for r in _read(RESULTS / "modes_smollm2.jsonl")
-                if not (r["rule"] == f"uniform-basis ({args.pooling})" and r["sparsity"] in sparsities)]
+                if not (r["rule"] == _rule(args) and r["sparsity"] in sparsities)]
     records = list(previous)
     for sparsity in sparsities:
-        width = uniform_width_for_target(model.config, budgets[sparsity], args.round_to)
+        width = (uniform_width(model.config.hidden_size, sparsity, args.round_to) if args.own_width
+                 else uniform_width_for_target(model.config, budgets[sparsity], args.round_to))
         record = _measure(args, width, calibration, evaluation, meta)
         records.append({**record, "sparsity": sparsity, "budget": budgets[sparsity]})
         print(json.dumps({k: records[-1][k] for k in ("sparsity", "budget", "width", "parameters", "perplexity")}),
@@ -158,6 +165,10 @@ def _plot(records: list[dict]) -> None:
     axis.set_xlabel("real parameters (M)")
     axis.set_ylabel("perplexity / dense perplexity")
     axis.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    for which in (axis.yaxis.set_major_formatter, axis.yaxis.set_minor_formatter):
+        which(FuncFormatter(lambda value, _: f"{value:g}x"))
     axis.set_title("SmolLM2-135M sliced: quality vs real size (built-in Wikipedia eval)")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8)
@@ -180,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--max-eval-tokens", type=int, default=None)
     parser.add_argument("--dense-perplexity", type=float, default=None, help="reuse a measured dense perplexity")
+    parser.add_argument("--own-width", action="store_true",
+                        help="slice at the sparsity's own width (k = (1-s) d rounded), not at the per-layer budget")
     parser.add_argument("--report", action="store_true", help="only re-draw the table and plot")
     args = parser.parse_args(argv)
     if args.report:

@@ -80,6 +80,9 @@ class QuantConfig:
     # the token-embedding table (Gather; shared with a tied head) stored as float16 and cast to float32 when the
     # session loads: half the bytes on disk, the same float32 arithmetic at run time. None keeps it float32.
     embedding_dtype: str | None = None
+    # MatMulNBits compute: None = onnxruntime's default (float32 dequantize + GEMM); 4 = int8 compute (activations
+    # quantized per block at run time: the CPU kernels' fast int8 dot-product path)
+    accuracy_level: int | None = None
     calib: str = "builtin"  # text for int8-static ranges and for the quality gate
     calib_samples: int = 8
     calib_seqlen: int = 128
@@ -89,6 +92,8 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         self.keep_float, self.weight_int8 = tuple(self.keep_float), tuple(self.weight_int8)
+        if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
+            raise UserInputError(f"accuracy_level must be 0-4 (or unset), got {self.accuracy_level!r}")
         if self.embedding_dtype not in (None, "float16"):
             raise UserInputError(f"embedding_dtype must be None or 'float16', got {self.embedding_dtype!r}")
         try:
@@ -268,15 +273,25 @@ def _quantize_nbits(source: Path, target: Path, nodes: list[str], config: QuantC
     if config.method == Int4Method.HQQ and bits == 4:
         algo = HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=bits)
     else:
-        algo = DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=True, bits=bits)
+        algo = DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=True, bits=bits,
+                                            accuracy_level=config.accuracy_level)
     model = onnx.load(str(source))
     before = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
     # onnxruntime treats nodes_to_include as a union with "every MatMul", not as a restriction: exclude the rest.
     chosen = set(nodes)
     exclude = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.name not in chosen]
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=config.block_size, is_symmetric=True,
+                                     accuracy_level=config.accuracy_level,
                                      nodes_to_include=nodes, nodes_to_exclude=exclude, algo_config=algo)
     quantizer.process()
+    if config.accuracy_level is not None:  # HQQ's config has no such field: stamp every MatMulNBits node
+        from onnx import helper
+
+        for node in quantizer.model.model.graph.node:
+            if node.op_type == "MatMulNBits":
+                kept = [a for a in node.attribute if a.name != "accuracy_level"]
+                del node.attribute[:]
+                node.attribute.extend([*kept, helper.make_attribute("accuracy_level", config.accuracy_level)])
     done = sum(n.op_type == "MatMulNBits" for n in quantizer.model.model.graph.node) - before
     if done != len(chosen):
         raise Slice2DeployError(f"{bits}-bit: asked to quantize {len(chosen)} MatMuls, onnxruntime produced {done} "

@@ -122,6 +122,9 @@ def _quantize_parser(sub) -> None:
     parser.add_argument("--weight-int8", action="append", default=[], metavar="NAME",
                         help="store MatMuls whose node name contains NAME as weight-only 8-bit blocks instead "
                              "(repeatable; mixed precision, e.g. down_proj under int4)")
+    parser.add_argument("--accuracy-level", type=int, default=None, choices=[0, 1, 2, 3, 4],
+                        help="MatMulNBits compute type (4 = int8: the CPU kernels' fast path; default: "
+                             "onnxruntime's float32 dequantize + GEMM)")
     parser.add_argument("--embedding-dtype", default="float32", choices=["float32", "float16"],
                         help="store the token-embedding table as float16 (cast to float32 at load: half the bytes "
                              "on disk, the same arithmetic)")
@@ -237,6 +240,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     config = QuantConfig(mode=args.mode, block_size=args.block_size, method=args.method,
                          quantize_head=args.quantize_head, shortcuts=args.shortcuts,
                          keep_float=tuple(args.keep_float), weight_int8=tuple(args.weight_int8),
+                         accuracy_level=args.accuracy_level,
                          embedding_dtype=None if args.embedding_dtype == "float32" else args.embedding_dtype,
                          calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                          snr_floor_db=args.snr_floor)

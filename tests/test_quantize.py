@@ -180,3 +180,15 @@ def test_mixed_precision_and_float16_embedding(dense_onnx, tiny_text_file, tmp_p
     assert manifest["size_bytes"]["quantized"] < plain["size_bytes"]["quantized"]
     assert manifest["logits_snr_db"] >= plain["logits_snr_db"] - 0.5  # fp16 table, 8-bit down_proj: no worse
     assert not [p for p in out.iterdir() if p.name.startswith(".stage")]
+
+
+@pytest.mark.parametrize("method", ["rtn", "hqq"])
+def test_accuracy_level_is_stamped_on_every_nbits_node(dense_onnx, tiny_text_file, tmp_path, method):
+    manifest = quantize_onnx(dense_onnx, tmp_path / method, _config(tiny_text_file, mode="int4", block_size=16,
+                                                                    method=method, accuracy_level=4,
+                                                                    weight_int8=("down_proj",)))
+    nodes = [n for n in onnx.load(str(tmp_path / method / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 14 and manifest["config"]["accuracy_level"] == 4
+    assert all(next(a.i for a in n.attribute if a.name == "accuracy_level") == 4 for n in nodes)
+    with pytest.raises(UserInputError, match="accuracy_level"):
+        QuantConfig(accuracy_level=7)
