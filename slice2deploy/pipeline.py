@@ -137,6 +137,7 @@ def _quantize_step(recipe: Recipe, model: str, mode: str) -> Step:
         config = QuantConfig(mode=mode, block_size=cfg["block_size"], method=cfg["method"],
                              keep_float=tuple(cfg["keep_float"]), weight_int8=tuple(cfg["weight_int8"]),
                              embedding_dtype=cfg["embedding_dtype"], shortcuts=cfg["shortcuts"],
+                             accuracy_level=cfg["accuracy_level"],
                              calib_samples=cfg["calib_samples"], snr_floor_db=cfg["snr_floor_db"])
         try:
             manifest = quantize_onnx(Path(upstream[source]["directory"]) / "onnx", tmp / "onnx", config,

@@ -15,7 +15,8 @@ SECTIONS: dict[str, dict[str, Any]] = {  # section -> its keys and defaults
     "eval": {"data": "builtin", "seqlen": 512, "batch_size": 4, "max_tokens": None},
     "export": {"opset": 18, "exporter": "torchscript"},
     "quantize": {"block_size": 32, "method": "rtn", "keep_float": [], "weight_int8": [], "embedding_dtype": None,
-                 "shortcuts": "weight-int8", "calib_samples": 8, "snr_floor_db": None, "modes": {}},
+                 "accuracy_level": None, "shortcuts": "weight-int8", "calib_samples": 8, "snr_floor_db": None,
+                 "modes": {}},
     "engine": {"profile": None, "workspace_mib": None, "keep_float": []},
 }
 TOP_KEYS = ("name", "model", "profile", "sparsities", "slice", "eval", "export", "quantize", "engine", "bench")
@@ -75,6 +76,8 @@ def _check_quant_modes(quantize: dict) -> dict:
     for mode, overrides in modes.items():
         _check_keys(overrides or {}, overridable, f"quantize.modes.{mode}")
     for where, settings in [("quantize", quantize), *((f"quantize.modes.{m}", o or {}) for m, o in modes.items())]:
+        if settings.get("accuracy_level") not in (None, 0, 1, 2, 3, 4):
+            raise UserInputError(f"recipe key '{where}.accuracy_level' must be null or 0-4")
         if settings.get("embedding_dtype") not in (None, "float16"):
             raise UserInputError(f"recipe key '{where}.embedding_dtype' must be null or float16")
         if settings.get("shortcuts", "weight-int8") not in ("float", "weight-int8", "same"):
