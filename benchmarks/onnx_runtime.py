@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.slicing_quality import RESULTS, machine
+from benchmarks.slicing_quality import machine, write_results
 
 QUANT_MODES = ("int8-dynamic", "int8-static", "int4")
 
@@ -188,7 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from exporters.ort import runtime_versions
     from slice2deploy.data import load_text
-    from slice2deploy.utils import atomic_write_text
 
     variants = _artifacts(args)
     if args.build_only:
@@ -216,8 +215,6 @@ def main(argv: list[str] | None = None) -> int:
         records.append(record)
         print(json.dumps({k: record[k] for k in ("variant", "perplexity", "size_mb", "prefill_ms", "decode_tok_s")}),
               file=sys.stderr, flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(RESULTS / f"{args.name}.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     header = (f"# {args.model} on ONNX Runtime (CPU): dense vs sliced {args.sparsity:g} (round-to {args.block_size}) "
               f"x precision\n\nMeasured {meta['date']} on {meta['machine']['cpu']} ({meta['machine']['cores']} cores), "
               f"onnxruntime {meta['versions'].get('onnxruntime')}, torch {meta['machine']['torch']}. Perplexity on "
@@ -227,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(`fp32-rotated`: the same function), INT4 rows from the plain PCA slice; residual shortcuts are "
               f"weight-only 8-bit blocks in every quantized sliced row. Logits SNR: the quantizer's gate on "
               f"calibration text.  \nCommand: `{meta['command']}`")
-    atomic_write_text(RESULTS / f"{args.name}.md", markdown(records, header))
-    print(markdown(records, header))
+    write_results(args.name, records, markdown(records, header))
     return 0
 
 

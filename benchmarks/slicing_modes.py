@@ -180,17 +180,13 @@ def _plot(records: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.spectrum_widths import add_quality_args
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--sparsities", default="0.1,0.2,0.25,0.3,0.4")
     parser.add_argument("--pooling", default="token", choices=["token", "trace", "sum"])
-    parser.add_argument("--round-to", type=int, default=8)
-    parser.add_argument("--calib-samples", type=int, default=64)
-    parser.add_argument("--calib-seqlen", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--max-eval-tokens", type=int, default=None)
-    parser.add_argument("--dense-perplexity", type=float, default=None, help="reuse a measured dense perplexity")
+    add_quality_args(parser)
     parser.add_argument("--own-width", action="store_true",
                         help="slice at the sparsity's own width (k = (1-s) d rounded), not at the per-layer budget")
     parser.add_argument("--report", action="store_true", help="only re-draw the table and plot")

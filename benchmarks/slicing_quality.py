@@ -23,14 +23,14 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def write_results(name: str, records: list[dict], report: str) -> None:
+    """``results/<name>.jsonl`` (one record per line) and ``results/<name>.md``, each written atomically."""
+    from slice2deploy.utils import atomic_write_text
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(RESULTS / f"{name}.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    atomic_write_text(RESULTS / f"{name}.md", report)
+    print(report)
 
 
 def machine() -> dict:
@@ -38,6 +38,7 @@ def machine() -> dict:
     import transformers
 
     from slice2deploy import __version__
+    from slice2deploy.suite.measure import cpu_name
 
     return {
         "cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -141,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(run_one(args)))
         return 0
-    from slice2deploy.utils import atomic_write_text
 
     variants = ([] if args.no_dense else [None]) + [float(s) for s in args.sparsities.split(",") if s]
     records = []
@@ -156,15 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python -m benchmarks.slicing_quality " + " ".join(argv if argv is not None else sys.argv[1:])}
     for record in records:
         record.update(meta)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(RESULTS / f"{args.name}.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     header = (f"# {args.model}: SliceGPT slicing ({args.calib} calibration {args.calib_samples} x {args.calib_seqlen}, "
               f"perplexity on the {args.data} evaluation split at {args.seqlen}-token windows)\n\n"
               f"Measured {meta['date']} on {meta['machine']['cpu']} ({meta['machine']['cores']} cores), torch "
               f"{meta['machine']['torch']}, transformers {meta['machine']['transformers']}.  \n"
               f"Command: `{meta['command']}`")
-    atomic_write_text(RESULTS / f"{args.name}.md", markdown(records, header))
-    print(markdown(records, header))
+    write_results(args.name, records, markdown(records, header))
     return 0
 
 

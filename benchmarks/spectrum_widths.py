@@ -61,6 +61,17 @@ def _write(records: list[dict], name: str, header: str) -> None:
     atomic_write_text(RESULTS / f"{name}.md", markdown(records, header))
 
 
+def add_quality_args(parser: argparse.ArgumentParser) -> None:
+    """Calibration and evaluation settings shared by the SmolLM2 slicing-quality comparisons."""
+    parser.add_argument("--round-to", type=int, default=8)
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--calib-seqlen", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--max-eval-tokens", type=int, default=None)
+    parser.add_argument("--dense-perplexity", type=float, default=None, help="reuse a measured dense perplexity")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -69,13 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="spectrum objectives, comma-separated; '<objective>@f' floors widths at f x uniform")
     parser.add_argument("--spectra-cache", default=None, help="torch file to reuse/store the calibration spectra")
     parser.add_argument("--min-width", type=int, default=None)
-    parser.add_argument("--round-to", type=int, default=8)
-    parser.add_argument("--calib-samples", type=int, default=64)
-    parser.add_argument("--calib-seqlen", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--max-eval-tokens", type=int, default=None)
-    parser.add_argument("--dense-perplexity", type=float, default=None, help="reuse a measured dense perplexity")
+    add_quality_args(parser)
     parser.add_argument("--widths-only", action="store_true", help="print the width plans and stop")
     parser.add_argument("--name", default="widths_smollm2")
     parser.add_argument("--append", action="store_true",

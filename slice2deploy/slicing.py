@@ -113,14 +113,14 @@ def capture_layer_inputs(model: nn.Module, adapter: Adapter, input_ids: torch.Te
     return batches
 
 
-def _rotate_reader(linear: nn.Linear, basis: torch.Tensor) -> None:
+def rotate_reader(linear: nn.Linear, basis: torch.Tensor) -> None:
     """Reader ``y = W x``: ``W ← W Q`` (Q is d × k, the kept columns of the position's basis)."""
     weight = linear.weight.detach().to(torch.float64)
     linear.weight = nn.Parameter((weight @ basis).to(linear.weight.dtype))
     linear.in_features = basis.shape[1]
 
 
-def _rotate_writer(linear: nn.Linear, basis: torch.Tensor) -> None:
+def rotate_writer(linear: nn.Linear, basis: torch.Tensor) -> None:
     """Writer ``y = W x + b`` into the stream: ``W ← Qᵀ W``, ``b ← Qᵀ b``."""
     weight = linear.weight.detach().to(torch.float64)
     linear.weight = nn.Parameter((basis.T @ weight).to(linear.weight.dtype))
@@ -129,7 +129,7 @@ def _rotate_writer(linear: nn.Linear, basis: torch.Tensor) -> None:
     linear.out_features = basis.shape[1]
 
 
-def _rotate_embedding(embedding: nn.Embedding, basis: torch.Tensor) -> None:
+def rotate_embedding(embedding: nn.Embedding, basis: torch.Tensor) -> None:
     weight = embedding.weight.detach().to(torch.float64)
     embedding.weight = nn.Parameter((weight @ basis).to(embedding.weight.dtype))
     embedding.embedding_dim = basis.shape[1]
@@ -187,9 +187,9 @@ def _slice_stage(layer: SlicedDecoderLayer, stage: dict, readers: tuple[str, ...
     coordinates; the output basis is found in input-basis coordinates and composed with ``basis``.
     """
     for path in readers:
-        _rotate_reader(layer.get_submodule(path), basis[:, :width_in])
+        rotate_reader(layer.get_submodule(path), basis[:, :width_in])
     for path in writers:
-        _rotate_writer(layer.get_submodule(path), basis)
+        rotate_writer(layer.get_submodule(path), basis)
     norm = getattr(layer, stage["norm"])
     outputs = []
     with torch.no_grad():
@@ -200,7 +200,7 @@ def _slice_stage(layer: SlicedDecoderLayer, stage: dict, readers: tuple[str, ...
     relative = basis_fn(position, _covariance_of(batches, outputs, basis.shape[0]))  # d × d, input coordinates
     kept = relative[:, :width_out]
     for path in writers:
-        _rotate_writer(layer.get_submodule(path), kept)
+        rotate_writer(layer.get_submodule(path), kept)
     shortcut = layer.shortcut(stage)
     shortcut.weight = nn.Parameter(kept[:width_in].T.contiguous().to(shortcut.weight.dtype))  # (Q_inᵀ Q_out)ᵀ
     for batch, output in zip(batches, outputs):
@@ -220,7 +220,7 @@ def _finish_head(model: nn.Module, adapter: Adapter, tied: bool, basis_last: tor
         mix.weight = nn.Parameter(rotated.to(mix.weight.dtype))
         mix.in_features, mix.out_features = rotated.shape[1], rotated.shape[0]
     else:
-        _rotate_reader(model.get_submodule(adapter.head), basis_last)
+        rotate_reader(model.get_submodule(adapter.head), basis_last)
 
 
 def num_positions(adapter: Adapter, num_layers: int) -> int:
@@ -275,7 +275,7 @@ def slice_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         basis = basis_fn(0, _covariance_of(batches, [b.hidden for b in batches], d))  # source coordinates
         basis_first = basis[:, : widths[0]]
         for path in adapter.embeddings:
-            _rotate_embedding(model.get_submodule(path), basis_first)
+            rotate_embedding(model.get_submodule(path), basis_first)
         for batch in batches:
             batch.hidden = _project(batch.hidden, basis_first)
         position = 0

@@ -15,12 +15,13 @@ Three pieces, all for the per-layer mode of :func:`slice2deploy.slicing.slice_mo
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .adapters import Adapter, get_adapter
 from .fold import TieMode
@@ -147,6 +148,44 @@ def sliced_parameter_count(cost: ParameterCost, widths: Sequence[int]) -> int:
 
 # --- spectra -----------------------------------------------------------------------------------------------------
 
+def position_covariances(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                         batch_size: int = 8, device: str | torch.device = "cpu",
+                         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                         progress: bool = False) -> list[CovarianceAccumulator]:
+    """One forward pass of the dense model; the covariance of the stream entering every norm (padding masked).
+
+    Position 0 is the embedding output, position ``l·S + s`` the input of stage s of layer l, the last one the
+    final norm's input. ``transform`` maps each (B, T, d) activation before it is accumulated. The model is not
+    modified; its hooks are always removed.
+    """
+    adapter = get_adapter(model.config)
+    d = adapter.hidden_size(model.config)
+    norms = [layer.get_submodule(stage.norm) for layer in adapter.get_layers(model) for stage in adapter.stages]
+    norms.append(model.get_submodule(adapter.final_norm))
+    accumulators = [CovarianceAccumulator(d, device=device) for _ in norms]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    current: dict[str, torch.Tensor] = {}
+
+    def hook_for(accumulator: CovarianceAccumulator):
+        def hook(module, args):
+            x = args[0].detach()
+            accumulator.add(x if transform is None else transform(x), current["mask"])
+        return hook
+
+    handles = [norm.register_forward_pre_hook(hook_for(acc)) for norm, acc in zip(norms, accumulators)]
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="calibration", disable=not progress):
+                ids = input_ids[start : start + batch_size].to(device)
+                current["mask"] = attention_mask[start : start + batch_size].to(device)
+                model(input_ids=ids, attention_mask=current["mask"], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return accumulators
+
+
 def collect_spectra(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     batch_size: int = 8, device: str | torch.device = "cpu") -> list[torch.Tensor]:
     """Eigenvalues (descending, float64, per token) of every residual position's calibration covariance.
@@ -162,30 +201,7 @@ def collect_spectra(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     """
 
     adapter = get_adapter(model.config)
-    layers = adapter.get_layers(model)
-    d = adapter.hidden_size(model.config)
-    norms = [layer.get_submodule(stage.norm) for layer in layers for stage in adapter.stages]
-    norms.append(model.get_submodule(adapter.final_norm))
-    accumulators = [CovarianceAccumulator(d, device=device) for _ in norms]
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    current: dict[str, torch.Tensor] = {}
-
-    def hook_for(accumulator: CovarianceAccumulator):
-        def hook(module, args):
-            accumulator.add(args[0].detach(), current["mask"])
-        return hook
-
-    handles = [norm.register_forward_pre_hook(hook_for(acc)) for norm, acc in zip(norms, accumulators)]
-    try:
-        with torch.no_grad():
-            for start in range(0, input_ids.shape[0], batch_size):
-                ids = input_ids[start : start + batch_size].to(device)
-                current["mask"] = attention_mask[start : start + batch_size].to(device)
-                model(input_ids=ids, attention_mask=current["mask"], use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    accumulators = position_covariances(model, input_ids, attention_mask, batch_size, device)
     centre = adapter.norm_kind == "layer"
     return [_spectrum(acc, centre) for acc in accumulators]
 

@@ -28,12 +28,13 @@ from enum import Enum
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .adapters import Adapter, get_adapter
 from .fold import TieMode, fold_norms
 from .pca import CovarianceAccumulator, pca_basis
+from .slicing import rotate_embedding, rotate_reader, rotate_writer
+from .spectrum import position_covariances
 from .utils import UserInputError
 
 
@@ -49,41 +50,9 @@ class Pooling(str, Enum):
 UniformBasisFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _residual_inputs(model: nn.Module, adapter: Adapter) -> list[nn.Module]:
-    """The norms whose inputs are the residual positions: every stage's norm in order, then the final norm."""
-    norms = [layer.get_submodule(stage.norm) for layer in adapter.get_layers(model) for stage in adapter.stages]
-    return [*norms, model.get_submodule(adapter.final_norm)]
-
-
-def position_covariances(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         batch_size: int, pooling: Pooling, progress: bool = False) -> list[CovarianceAccumulator]:
-    """One forward pass of the dense model; the covariance of the stream entering every norm (padding masked)."""
-    norms = _residual_inputs(model, adapter)
-    d = adapter.hidden_size(model.config)
-    device = next(model.parameters()).device
-    accumulators = [CovarianceAccumulator(d, device=device) for _ in norms]
-    current: dict[str, torch.Tensor] = {}
-
-    def hook(index: int):
-        def capture(module, args):
-            x = args[0].float()
-            if pooling == Pooling.TOKEN:
-                x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            accumulators[index].add(x, current["mask"])
-
-        return capture
-
-    handles = [norm.register_forward_pre_hook(hook(i)) for i, norm in enumerate(norms)]
-    try:
-        with torch.no_grad():
-            for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="calibration", disable=not progress):
-                ids = input_ids[start : start + batch_size].to(device)
-                current["mask"] = attention_mask[start : start + batch_size].to(device)
-                model(input_ids=ids, attention_mask=current["mask"], use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return accumulators
+def _unit_tokens(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def pooled_covariance(accumulators: list[CovarianceAccumulator], pooling: Pooling) -> torch.Tensor:
@@ -108,31 +77,17 @@ def uniform_config(config, k: int, d: int, eps: float):
     return new
 
 
-def _rotate(linear: nn.Linear, basis: torch.Tensor, side: str) -> None:
-    """Reader: ``W ← W Q``; writer: ``W ← Qᵀ W`` and ``b ← Qᵀ b``."""
-    weight = linear.weight.detach().to(torch.float64)
-    dtype = linear.weight.dtype
-    if side == "reader":
-        linear.weight = nn.Parameter((weight @ basis).to(dtype))
-        return
-    linear.weight = nn.Parameter((basis.T @ weight).to(dtype))
-    if linear.bias is not None:
-        linear.bias = nn.Parameter((basis.T @ linear.bias.detach().to(torch.float64)).to(dtype))
-
-
 def rotate_all(model: nn.Module, adapter: Adapter, basis: torch.Tensor) -> None:
     """Rotate and slice every weight that touches the (folded) residual stream with one basis (d × k)."""
     for path in adapter.embeddings:
-        embedding = model.get_submodule(path)
-        weight = embedding.weight.detach().to(torch.float64)
-        embedding.weight = nn.Parameter((weight @ basis).to(embedding.weight.dtype))
+        rotate_embedding(model.get_submodule(path), basis)
     for layer in adapter.get_layers(model):
         for stage in adapter.stages:
             for path in stage.readers:
-                _rotate(layer.get_submodule(path), basis, "reader")
+                rotate_reader(layer.get_submodule(path), basis)
             for path in stage.writers:
-                _rotate(layer.get_submodule(path), basis, "writer")
-    _rotate(model.get_submodule(adapter.head), basis, "reader")
+                rotate_writer(layer.get_submodule(path), basis)
+    rotate_reader(model.get_submodule(adapter.head), basis)
 
 
 def _standard_model(model: nn.Module, adapter: Adapter, k: int, d: int, eps: float) -> PreTrainedModel:
@@ -174,7 +129,9 @@ def slice_uniform(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         attention_mask = torch.ones_like(input_ids)
     started = time.perf_counter()
     model.eval()
-    accumulators = position_covariances(model, adapter, input_ids, attention_mask, batch_size, pooling, progress)
+    device = next(model.parameters()).device
+    transform = _unit_tokens if pooling == Pooling.TOKEN else None
+    accumulators = position_covariances(model, input_ids, attention_mask, batch_size, device, transform, progress)
     pooled = pooled_covariance(accumulators, pooling)
     full = basis_fn(pooled) if basis_fn is not None else pca_basis(pooled, damping)[1]
     eigenvalues = torch.linalg.eigvalsh(pooled).flip(0)
