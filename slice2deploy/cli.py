@@ -8,6 +8,7 @@ import sys
 
 from .utils import Slice2DeployError
 
+DEFAULT_REFIT_RIDGE = 1e-3  # measured on SmolLM2 (benchmarks/results/slicing_modes_smollm2.md)
 MODEL_HELP = "built-in alias (smollm2-135m), Hugging Face hub id, local model directory or .gguf file"
 DATA_HELP = (
     "builtin (bundled Wikipedia text), a local .txt/.jsonl file, or a datasets name (wikitext2, c4, ptb, alpaca)"
@@ -40,8 +41,12 @@ def _slice_parser(sub) -> None:
                              "spectrum under the same parameter budget (default uniform)")
     parser.add_argument("--pooling", default="token", choices=["token", "trace", "sum"],
                         help="uniform mode: how the positions' covariances are pooled into one basis (default token)")
+    parser.add_argument("--refit", nargs="?", type=float, const=DEFAULT_REFIT_RIDGE, default=None, metavar="RIDGE",
+                        help="uniform mode: after slicing, re-solve every linear against the dense model by ridge "
+                             "regression on the calibration tokens, layer by layer (changes the function; "
+                             f"default ridge {DEFAULT_REFIT_RIDGE:g})")
     parser.add_argument("--incoherence", action="store_true",
-                        help="per-layer mode: random rotation inside each kept subspace (same function; "
+                        help="random rotation inside each kept subspace (same function; "
                              "activations without outlier coordinates for INT8 quantization)")
     parser.add_argument("--round-to", type=int, default=8, help="round widths down to a multiple of this (default 8)")
     parser.add_argument("--tie", default="keep", choices=["keep", "untie"],
@@ -179,7 +184,7 @@ def _run_slice(args: argparse.Namespace) -> int:
     target = None if args.target_params is None else int(args.target_params)
     config = SliceConfig(sparsity=args.sparsity or 0.0, round_to=args.round_to, tie=args.tie, device=args.device,
                          batch_size=args.batch_size, mode=args.mode, pooling=args.pooling,
-                         incoherence=args.incoherence)
+                         incoherence=args.incoherence, refit=args.refit)
     calibration = CalibrationConfig(source=args.calib, samples=args.calib_samples, seqlen=args.calib_seqlen,
                                     seed=args.seed)
     summary = slice_pretrained(args.model, args.output, config, calibration, dtype=args.dtype,

@@ -99,7 +99,8 @@ def _slice_step(recipe: Recipe, sparsity: float, progress: bool) -> Step:
 
     def run(tmp: Path, upstream: dict[str, dict]) -> dict:
         config = SliceConfig(sparsity=sparsity, round_to=cfg["round_to"], tie=cfg["tie"],
-                             batch_size=cfg["batch_size"], device=device)
+                             batch_size=cfg["batch_size"], device=device, mode=cfg["mode"], refit=cfg["refit"],
+                             incoherence=bool(cfg["incoherence"]))
         summary = slice_pretrained(recipe.model, tmp / "model", config, CalibrationConfig(**cfg["calibration"]),
                                    overwrite=True, progress=progress)
         return {"widths": sorted(set(summary["widths"])), "parameters": summary["parameters"]["sliced"]["total"],

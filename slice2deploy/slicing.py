@@ -43,6 +43,7 @@ class SliceConfig:
     widths: list[int] | None = None  # explicit per-position widths (overrides sparsity/round_to)
     incoherence: bool = False  # rotate each kept subspace by a seeded random orthogonal matrix (see below)
     rotation_seed: int = 0
+    refit: float | None = None  # uniform mode: ridge of the least-squares refit against the dense model (None: off)
     version: int = 1
     extra: dict = field(default_factory=dict)  # provenance (calibration source, seed, ...), stored verbatim
 
@@ -57,8 +58,10 @@ class SliceConfig:
             raise UserInputError(f"damping must be >= 0, got {self.damping}")
         if self.mode not in ("per-layer", "uniform"):
             raise UserInputError(f"mode must be 'per-layer' or 'uniform', got {self.mode!r}")
-        if self.mode == "uniform" and self.incoherence:
-            raise UserInputError("incoherence rotations are a per-layer-mode option")
+        if self.refit is not None and self.mode != "uniform":
+            raise UserInputError("refit is a uniform-mode option (--mode uniform)")
+        if self.refit is not None and not self.refit > 0:
+            raise UserInputError(f"refit ridge must be > 0, got {self.refit}")
         if self.mode == "uniform" and self.widths is not None and len(set(self.widths)) != 1:
             raise UserInputError("uniform mode has one width for every position; pass a single width")
 
@@ -304,7 +307,8 @@ def _slice_uniform(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     width = config.widths[0] if config.widths else uniform_widths(d, 1, config.sparsity, config.round_to)[0]
     model.eval().to(torch.device(config.device))
     standard, info = slice_uniform(model, input_ids, attention_mask, width, config.pooling, config.damping,
-                                   config.batch_size, basis_fn, progress)
+                                   config.batch_size, basis_fn, progress, refit_ridge=config.refit,
+                                   rotation_seed=config.rotation_seed if config.incoherence else None)
     standard.config.slice2deploy = {**info, **config.to_dict(), "widths": None}
     return standard
 

@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .adapters import Adapter, get_adapter
 from .fold import TieMode, fold_norms
-from .pca import CovarianceAccumulator, pca_basis
+from .pca import CovarianceAccumulator, pca_basis, random_orthogonal
 from .slicing import rotate_embedding, rotate_reader, rotate_writer
 from .spectrum import position_covariances
 from .utils import UserInputError
@@ -117,8 +117,16 @@ def check_uniform_supported(adapter: Adapter) -> None:
 
 def slice_uniform(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, width: int,
                   pooling: Pooling | str = Pooling.TOKEN, damping: float = 0.01, batch_size: int = 8,
-                  basis_fn: UniformBasisFn | None = None, progress: bool = True) -> tuple[PreTrainedModel, dict]:
-    """Slice ``model`` (consumed) to a standard model of hidden size ``width``; return it and what was done."""
+                  basis_fn: UniformBasisFn | None = None, progress: bool = True,
+                  refit_ridge: float | None = None, rotation_seed: int | None = None,
+                  ) -> tuple[PreTrainedModel, dict]:
+    """Slice ``model`` (consumed) to a standard model of hidden size ``width``; return it and what was done.
+
+    ``refit_ridge``: when set, refit the sliced model's linears against the dense model by ridge regression on
+    the same calibration tokens (``slice2deploy.refit``). ``rotation_seed``: when set, rotate the kept basis by a
+    seeded random orthogonal k × k matrix (incoherence: the norms' weight is one scalar, so the function is the
+    same; outlier coordinates are spread for INT8 activation quantization).
+    """
     adapter = get_adapter(model.config)
     check_uniform_supported(adapter)
     pooling = Pooling(pooling)
@@ -135,13 +143,24 @@ def slice_uniform(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     pooled = pooled_covariance(accumulators, pooling)
     full = basis_fn(pooled) if basis_fn is not None else pca_basis(pooled, damping)[1]
     eigenvalues = torch.linalg.eigvalsh(pooled).flip(0)
+    kept_basis = full[:, :width]
+    if rotation_seed is not None:
+        kept_basis = kept_basis @ random_orthogonal(width, torch.Generator().manual_seed(rotation_seed))
+    teacher = copy.deepcopy(model) if refit_ridge is not None else None
     with torch.no_grad():
         fold_norms(model, adapter, TieMode.UNTIE)
-        rotate_all(model, adapter, full[:, :width].to(next(model.parameters()).device))
+        rotate_all(model, adapter, kept_basis.to(device))
         standard = _standard_model(model, adapter, width, d, eps)
+    refit = None
+    if teacher is not None:
+        from .refit import refit_uniform
+
+        refit = refit_uniform(teacher, standard, kept_basis, input_ids, attention_mask, refit_ridge, batch_size,
+                              progress)
     kept = float(eigenvalues[:width].sum() / eigenvalues.sum())
     info = {"method": "slicegpt", "mode": "uniform", "pooling": pooling.value, "width": width,
-            "original_hidden_size": d, "damping": damping, "explained_variance": round(kept, 6),
+            "original_hidden_size": d, "damping": damping, "rotation_seed": rotation_seed,
+            "explained_variance": round(kept, 6), "refit_result": refit,
             "seconds": round(time.perf_counter() - started, 3)}
     return standard, info
 

@@ -98,6 +98,19 @@ def test_changed_config_reruns_only_what_depends_on_it(pipeline_run, tiny_llama_
     assert {r["eval_tokens"] for r in records} == {128}
 
 
+def test_uniform_refit_recipe_builds_a_standard_sliced_model(pipeline_run, tiny_llama_dir, tiny_text_file,
+                                                             tmp_path):
+    out, _, _, _, _ = pipeline_run
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tiny_llama_dir, tiny_text_file, **{
+        "slice.mode": "uniform", "slice.refit": True}))
+    statuses = {s.key: s.status for s in run_pipeline(recipe, out, progress=False, log=False, build_only=True)}
+    assert statuses["slice-sliced-0.25"] == "ran" and statuses.get("slice-dense", "skipped") == "skipped"
+    assert [v for k, v in statuses.items() if k.startswith("export-sliced-0.25")] == ["ran"]
+    config = json.loads((out / "slice-sliced-0.25" / "model" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["hidden_size"] == 16
+    assert config["slice2deploy"]["refit"] == 1e-3 and config["slice2deploy"]["mode"] == "uniform"
+
+
 def _writer(name: str, text: str, fail: bool = False):
     def run(tmp: Path, upstream: dict) -> dict:
         (tmp / name).write_text(text)
@@ -156,6 +169,9 @@ BAD_RECIPES = [
     ({"quantize.modes": {"int3": {}}}, r"recipe key 'quantize.modes.int3' is not known"),
     ({"quantize.modes": {"int4": {"bits": 3}}}, r"recipe key 'quantize.modes.int4.bits' is not known"),
     ({"quantize.modes": {"int4": {"embedding_dtype": "int8"}}}, r"'quantize.modes.int4.embedding_dtype' must be"),
+    ({"slice.refit": True}, r"section 'slice': refit is a uniform-mode option"),
+    ({"slice.mode": "layerwise"}, r"section 'slice': mode must be 'per-layer' or 'uniform'"),
+    ({"slice.mode": "uniform", "slice.refit": 0}, r"section 'slice': refit ridge must be > 0"),
 ]
 
 

@@ -170,3 +170,74 @@ def test_cli_spectrum_widths_respect_the_budget(tiny_llama_dir, tiny_text_file, 
     assert "--mode per-layer" in capsys.readouterr().err
     assert _cli_slice(tiny_llama_dir, tiny_text_file, tmp_path / "tiny", "--target-params", "10") == 2
     assert "below the smallest" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model_type", RMS_TYPES)
+def test_refit_at_full_width_keeps_the_function(model_type):
+    """With nothing deleted every regression has an exact solution (the rotated weights): refit changes nothing."""
+    model = tiny_model(model_type)
+    ids = _ids(model, n=8)
+    with torch.no_grad():
+        reference = model(ids).logits
+    rotation = random_orthogonal(model.config.hidden_size, torch.Generator().manual_seed(1))
+    sliced = slice_model(model, ids, None, SliceConfig(mode="uniform", sparsity=0.0, refit=1e-9),
+                         basis_fn=lambda covariance: rotation, progress=False)
+    refit = sliced.config.slice2deploy["refit_result"]
+    assert refit["ridge"] == 1e-9 and refit["final_residual_relative_error"] < 1e-5
+    with torch.no_grad():
+        logits = sliced(ids).logits
+    assert _max_rel_diff(reference, logits) <= 1e-4
+
+
+def _logit_error(model, reference, ids) -> float:
+    with torch.no_grad():
+        expected = reference(ids).logits
+        return float((model(ids).logits - expected).norm() / expected.norm())
+
+
+def test_refit_moves_the_sliced_model_towards_the_dense_one():
+    model = tiny_model("llama")
+    reference = copy.deepcopy(model)
+    ids = _ids(model, n=16)
+    plain = slice_model(copy.deepcopy(model), ids, None, SliceConfig(mode="uniform", sparsity=0.25), progress=False)
+    refit = slice_model(model, ids, None, SliceConfig(mode="uniform", sparsity=0.25, refit=1e-3), progress=False)
+    assert refit.config.hidden_size == plain.config.hidden_size == 24
+    assert count_parameters(refit)["total"] == count_parameters(plain)["total"]
+    assert _logit_error(refit, reference, ids) < 0.95 * _logit_error(plain, reference, ids)
+
+
+def test_refit_is_a_uniform_mode_option():
+    with pytest.raises(UserInputError, match="uniform-mode option"):
+        SliceConfig(refit=1e-3)
+    with pytest.raises(UserInputError, match="ridge must be > 0"):
+        SliceConfig(mode="uniform", refit=0.0)
+
+
+def test_cli_refit_writes_a_standard_checkpoint(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from slice2deploy.cli import main
+
+    assert _cli_slice(tiny_llama_dir, tiny_text_file, tmp_path / "r", "--mode", "uniform", "--sparsity", "0.25",
+                      "--refit") == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "r"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["slicing"]["refit"] == 1e-3 and info["slicing"]["refit_result"]["ridge"] == 1e-3
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "r")
+    assert type(loaded).__name__ == "LlamaForCausalLM" and loaded.config.hidden_size == 24
+    assert _cli_slice(tiny_llama_dir, tiny_text_file, tmp_path / "bad", "--sparsity", "0.25", "--refit") == 2
+    assert "uniform-mode option" in capsys.readouterr().err
+
+
+def test_incoherence_rotation_in_uniform_mode_keeps_the_function():
+    """The uniform norms' weight is one scalar, so rotating the kept basis leaves the sliced function unchanged."""
+    model = tiny_model("llama")
+    ids = _ids(model)
+    plain = slice_model(copy.deepcopy(model), ids, None, SliceConfig(mode="uniform", sparsity=0.25), progress=False)
+    rotated = slice_model(model, ids, None, SliceConfig(mode="uniform", sparsity=0.25, incoherence=True,
+                                                        rotation_seed=3), progress=False)
+    assert rotated.config.slice2deploy["incoherence"] is True and rotated.config.slice2deploy["rotation_seed"] == 3
+    assert not torch.allclose(rotated.model.embed_tokens.weight, plain.model.embed_tokens.weight)
+    with torch.no_grad():
+        assert _max_rel_diff(plain(ids).logits, rotated(ids).logits) <= 1e-4

@@ -6,11 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..cli import DEFAULT_REFIT_RIDGE
 from ..utils import UserInputError
 from .profiles import BACKEND_PRECISIONS, PROFILE_KEYS, BenchProfile, get_profile
 
 SECTIONS: dict[str, dict[str, Any]] = {  # section -> its keys and defaults
-    "slice": {"round_to": 8, "tie": "keep", "batch_size": 8, "calibration": None},
+    "slice": {"mode": "per-layer", "refit": None, "incoherence": False, "round_to": 8, "tie": "keep", "batch_size": 8,
+              "calibration": None},
     "calibration": {"source": "builtin", "samples": 128, "seqlen": 512, "seed": 0},
     "eval": {"data": "builtin", "seqlen": 512, "batch_size": 4, "max_tokens": None},
     "export": {"opset": 18, "exporter": "torchscript"},
@@ -238,6 +240,19 @@ def _check_combinations(recipe: Recipe) -> None:
         raise UserInputError(f"recipe key 'eval.max_tokens' must be >= 2 or null, got {recipe.eval['max_tokens']}")
 
 
+def _check_slice_options(cfg: dict) -> None:
+    """Validate the slicing options by building the SliceConfig they describe (its errors, with the recipe key)."""
+    from ..slicing import SliceConfig
+
+    if cfg["refit"] is True:
+        cfg["refit"] = DEFAULT_REFIT_RIDGE
+    try:
+        SliceConfig(mode=cfg["mode"], refit=cfg["refit"], incoherence=bool(cfg["incoherence"]),
+                    round_to=cfg["round_to"], tie=cfg["tie"], batch_size=cfg["batch_size"])
+    except (UserInputError, ValueError, TypeError) as error:
+        raise UserInputError(f"recipe section 'slice': {error}") from error
+
+
 def validate_recipe(data: Any, path: str | None = None) -> Recipe:
     """A :class:`Recipe` from parsed YAML, or a :class:`UserInputError` naming the first bad key."""
     data = _check_keys(data, TOP_KEYS, "")
@@ -245,6 +260,7 @@ def validate_recipe(data: Any, path: str | None = None) -> Recipe:
     slice_cfg = _section(data, "slice")
     slice_cfg["calibration"] = {**SECTIONS["calibration"], **_check_keys(
         slice_cfg.get("calibration") or {}, tuple(SECTIONS["calibration"]), "slice.calibration")}
+    _check_slice_options(slice_cfg)
     eval_cfg = _section(data, "eval")
     if eval_cfg["max_tokens"] is None:
         eval_cfg["max_tokens"] = profile.eval_max_tokens
