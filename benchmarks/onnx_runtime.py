@@ -1,5 +1,8 @@
 """ONNX Runtime benchmark: dense and sliced SmolLM2 x {fp32, int8-dynamic, int8-static, int4} in one run.
 
+Two sliced families: ``sliced`` (per-layer bases, the paper) and ``uniform`` (one basis, refit; a standard
+checkpoint).
+
 For every variant: perplexity on the built-in evaluation split, file size, prefill latency at 512 tokens and
 decode tokens/s at batch 1 (median of repeats after warm-up), all on the same machine in the same process.
 Artifacts are built under ``--work`` (reused when complete); results go to
@@ -42,32 +45,60 @@ POLICY = {
 # (random rotation inside each kept subspace: the same function, no outlier coordinates); weight-only INT4
 # loses less on the plain PCA basis (measured: logits SNR 17.2 dB PCA vs 13.3 dB rotated).
 SLICED_SOURCE = {"fp32": "pca", "int8-dynamic": "rotated", "int8-static": "rotated", "int4": "pca"}
+# The sliced families: the paper's per-layer slice (shortcut matrices, custom architecture) and the uniform-basis
+# slice refit against the dense model (a standard LlamaForCausalLM with hidden size k, head untied).
+# The uniform slice's hidden size must be a multiple of SmolLM2's 9 heads (transformers' LlamaConfig refuses to
+# save anything else), so INT4 blocks of 32 would leave only k = 288: it slices with round-to 16 and quantizes with
+# blocks of 16 (k = 432 = 27 x 16). Its head is untied: INT4 stores it as weight-only 8-bit blocks, like down_proj.
+FAMILIES = {
+    "sliced": {"slice": {"mode": "per-layer"}, "block_size": None, "quant": {}},
+    "uniform": {"slice": {"mode": "uniform", "refit": 1e-3}, "block_size": 16,
+                "quant": {"int4": {"quantize_head": True, "weight_int8": ("down_proj", "lm_head")}}},
+}
 
 
-def _slice(args: argparse.Namespace, target: Path, incoherence: bool) -> None:
+def _recorded_slicing(directory: Path) -> dict | None:
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    return config.get("slice2deploy") or config.get("slicing")
+
+
+def _block_size(args: argparse.Namespace, family: str) -> int:
+    return FAMILIES[family]["block_size"] or args.block_size
+
+
+def _slice(args: argparse.Namespace, target: Path, incoherence: bool, family: str) -> bool:
+    """Slice into ``target`` unless a slice with the same settings is there; True when (re)built."""
     from slice2deploy.api import CalibrationConfig, slice_pretrained
     from slice2deploy.slicing import SliceConfig
 
-    if not (target / "config.json").exists():
-        slice_pretrained(args.model, target, SliceConfig(sparsity=args.sparsity, round_to=args.block_size,
-                                                         incoherence=incoherence),
-                         CalibrationConfig(samples=args.calib_samples, seqlen=512), overwrite=True, progress=False)
+    settings = {**FAMILIES[family]["slice"], "round_to": _block_size(args, family)}
+    config = SliceConfig(sparsity=args.sparsity, incoherence=incoherence, **settings)
+    recorded = _recorded_slicing(target)
+    if recorded is not None and all(recorded.get(key) == value for key, value in settings.items()):
+        return False
+    slice_pretrained(args.model, target, config, CalibrationConfig(samples=args.calib_samples, seqlen=512),
+                     overwrite=True, progress=False)
+    return True
 
 
-def _fp32(source: str, target: Path) -> Path:
+def _fp32(source: str, target: Path, rebuild: bool = False) -> Path:
     from exporters.onnx import OnnxExportConfig, export_pretrained
 
-    if not (target / "model.onnx").exists():
+    if rebuild or not (target / "model.onnx").exists():
         export_pretrained(source, target, OnnxExportConfig(), overwrite=True)
     return target
 
 
-def _quantized(fp32: Path, target: Path, mode: str, block_size: int) -> Path:
+def _quantized(fp32: Path, target: Path, mode: str, block_size: int, rebuild: bool = False,
+               extra: dict | None = None) -> Path:
     from exporters.quantize import QUANT_MANIFEST, QuantConfig, quantize_onnx
 
-    config = QuantConfig(mode=mode, block_size=block_size, **POLICY[mode])
+    config = QuantConfig(mode=mode, block_size=block_size, **{**POLICY[mode], **(extra or {})})
     manifest = target / QUANT_MANIFEST
-    if not manifest.is_file() or json.loads(manifest.read_text()).get("config") != config.to_dict():
+    if rebuild or not manifest.is_file() or json.loads(manifest.read_text()).get("config") != config.to_dict():
         quantize_onnx(fp32, target, config, overwrite=True)  # absent, or built under another policy
     return target
 
@@ -75,20 +106,26 @@ def _quantized(fp32: Path, target: Path, mode: str, block_size: int) -> Path:
 def _artifacts(args: argparse.Namespace) -> dict[str, Path]:
     """Build (or reuse) the sliced checkpoints, the fp32 exports and their quantized versions."""
     work = Path(args.work)
-    name = f"sliced-{args.sparsity:g}"
-    sources = {"pca": work / name, "rotated": work / f"{name}-rotated"}
-    _slice(args, sources["pca"], incoherence=False)
-    _slice(args, sources["rotated"], incoherence=True)
     variants: dict[str, Path] = {"dense/fp32": _fp32(args.model, work / "dense-fp32")}
     for mode in QUANT_MODES:
         variants[f"dense/{mode}"] = _quantized(variants["dense/fp32"], work / f"dense-{mode}", mode, args.block_size)
-    exports = {kind: _fp32(str(path), work / f"{path.name}-fp32") for kind, path in sources.items()}
-    variants[f"{name}/fp32"] = exports["pca"]
-    variants[f"{name}/fp32-rotated"] = exports["rotated"]
+    for family in args.families.split(","):
+        variants.update(_family_artifacts(args, work, family))
+    return variants
+
+
+def _family_artifacts(args: argparse.Namespace, work: Path, family: str) -> dict[str, Path]:
+    name = f"{family}-{args.sparsity:g}"
+    sources = {"pca": work / name, "rotated": work / f"{name}-rotated"}
+    rebuilt = {kind: _slice(args, path, incoherence=kind == "rotated", family=family) for kind, path in sources.items()}
+    exports = {kind: _fp32(str(path), work / f"{path.name}-fp32", rebuilt[kind]) for kind, path in sources.items()}
+    variants = {f"{name}/fp32": exports["pca"], f"{name}/fp32-rotated": exports["rotated"]}
     for mode in QUANT_MODES:
         kind = SLICED_SOURCE[mode]
         suffix = "" if kind == "pca" else "-rotated"
-        variants[f"{name}/{mode}"] = _quantized(exports[kind], work / f"{name}{suffix}-{mode}", mode, args.block_size)
+        variants[f"{name}/{mode}"] = _quantized(exports[kind], work / f"{name}{suffix}-{mode}", mode,
+                                                _block_size(args, family), rebuilt[kind],
+                                                FAMILIES[family]["quant"].get(mode))
     return variants
 
 
@@ -132,14 +169,14 @@ def measure(directory: Path, evaluation, args: argparse.Namespace) -> dict:
     }
 
 
-def _fp32_of(variant: str, sparsity_name: str) -> str:
+def _fp32_of(variant: str) -> str:
     """The fp32 export a variant was quantized from (its 'own fp32')."""
     model, precision = variant.split("/")
     if model == "dense":
         return "dense/fp32"
     if precision.startswith("fp32"):
         return variant
-    return f"{sparsity_name}/fp32" + ("-rotated" if SLICED_SOURCE[precision] == "rotated" else "")
+    return f"{model}/fp32" + ("-rotated" if SLICED_SOURCE[precision] == "rotated" else "")
 
 
 def _policy(r: dict) -> str:
@@ -177,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsity", type=float, default=0.25)
     parser.add_argument("--block-size", type=int, default=32, help="INT4 block size = slicing round-to")
     parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--families", default="sliced,uniform",
+                        help="sliced models to measure: sliced (per-layer, the paper), uniform (one basis + refit)")
     parser.add_argument("--work", default="out/bench-onnx")
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--decode-prompt", type=int, default=32)
@@ -208,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
         sparsity = 0.0 if model == "dense" else args.sparsity
         record = {"variant": name, "model": model, "precision": precision.removesuffix("-rotated"),
-                  "sparsity": sparsity, "own_fp32": _fp32_of(name, f"sliced-{args.sparsity:g}"),
+                  "sparsity": sparsity, "own_fp32": _fp32_of(name),
+                  "family": model.rsplit("-", 1)[0],
                   "incoherence": precision.endswith("-rotated") or (model != "dense" and
                                                                      SLICED_SOURCE.get(precision) == "rotated"),
                   **measure(directory, evaluation, args), **meta}
@@ -222,8 +262,12 @@ def main(argv: list[str] | None = None) -> int:
               f"tokens; decode = {args.decode_tokens} greedy tokens after a {args.decode_prompt}-token prompt, "
               f"batch 1, KV cache. Sliced INT8 rows are quantized from the incoherence-rotated slice "
               f"(`fp32-rotated`: the same function), INT4 rows from the plain PCA slice; residual shortcuts are "
-              f"weight-only 8-bit blocks in every quantized sliced row. Logits SNR: the quantizer's gate on "
-              f"calibration text.  \nCommand: `{meta['command']}`")
+              f"weight-only 8-bit blocks in every quantized sliced row. `uniform-*` rows: the one-basis slice "
+              f"(`--mode uniform --refit`: a standard LlamaForCausalLM of hidden size k, head untied, refit against "
+              f"the dense model by least squares; no shortcut matrices; round-to and INT4 blocks of 16, since its "
+              f"hidden size must be a multiple of the 9 heads; INT4 stores its untied head as 8-bit blocks). Logits "
+              f"SNR: the "
+              f"quantizer's gate on calibration text.  \nCommand: `{meta['command']}`")
     write_results(args.name, records, markdown(records, header))
     return 0
 

@@ -12,7 +12,8 @@ Same calibration (64 x 512 built-in tokens, seed 0) and evaluation tokens as the
 
     python -m benchmarks.slicing_modes --max-eval-tokens 16384     # the committed run (records are merged:
     python -m benchmarks.slicing_modes --max-eval-tokens 16384 --pooling trace --sparsities 0.25   # + prototype,
-    python -m benchmarks.slicing_modes --max-eval-tokens 16384 --sparsities 0.25 --own-width       # + k = 432)
+    python -m benchmarks.slicing_modes --max-eval-tokens 16384 --sparsities 0.25 --own-width       # + k = 432,
+    python -m benchmarks.slicing_modes --max-eval-tokens 16384 --refit 1e-3 [--own-width]          # + refit)
     python -m benchmarks.slicing_modes --report                     # re-draw table and plot from the JSONL files
 """
 
@@ -51,7 +52,8 @@ def _budgets(model, sparsities: list[float], round_to: int) -> dict[float, int]:
 
 
 def _rule(args) -> str:
-    return f"uniform-basis ({args.pooling}{', k from sparsity' if args.own_width else ''})"
+    refit = f", refit {args.refit:g}" if args.refit is not None else ""
+    return f"uniform-basis ({args.pooling}{refit}{', k from sparsity' if args.own_width else ''})"
 
 
 def _measure(args, width: int, calibration, evaluation, meta: dict) -> dict:
@@ -61,8 +63,8 @@ def _measure(args, width: int, calibration, evaluation, meta: dict) -> dict:
 
     model, _, _ = load(args.model)
     started = time.perf_counter()
-    sliced = slice_model(model, *calibration, SliceConfig(mode="uniform", widths=[width], pooling=args.pooling),
-                         progress=False)
+    config = SliceConfig(mode="uniform", widths=[width], pooling=args.pooling, refit=args.refit)
+    sliced = slice_model(model, *calibration, config, progress=False)
     seconds = time.perf_counter() - started
     result = perplexity(sliced, evaluation, seqlen=args.seqlen, batch_size=4, max_tokens=args.max_eval_tokens,
                         progress=False)
@@ -189,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     add_quality_args(parser)
     parser.add_argument("--own-width", action="store_true",
                         help="slice at the sparsity's own width (k = (1-s) d rounded), not at the per-layer budget")
+    parser.add_argument("--refit", type=float, default=None, metavar="RIDGE",
+                        help="refit the uniform slice against the dense model with this ridge (slice --refit)")
     parser.add_argument("--report", action="store_true", help="only re-draw the table and plot")
     args = parser.parse_args(argv)
     if args.report:

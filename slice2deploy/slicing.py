@@ -300,11 +300,10 @@ def slice_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
 
 def _slice_uniform(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    config: SliceConfig, basis_fn, progress: bool) -> nn.Module:
-    from .uniform import slice_uniform
+    from .uniform import slice_uniform, uniform_width_for_sparsity
 
-    adapter = get_adapter(model.config)
-    d = adapter.hidden_size(model.config)
-    width = config.widths[0] if config.widths else uniform_widths(d, 1, config.sparsity, config.round_to)[0]
+    width = config.widths[0] if config.widths else uniform_width_for_sparsity(model.config, config.sparsity,
+                                                                              config.round_to)
     model.eval().to(torch.device(config.device))
     standard, info = slice_uniform(model, input_ids, attention_mask, width, config.pooling, config.damping,
                                    config.batch_size, basis_fn, progress, refit_ridge=config.refit,

@@ -77,6 +77,45 @@ def uniform_config(config, k: int, d: int, eps: float):
     return new
 
 
+def width_error(config, width: int) -> str | None:
+    """Why the source family's config class refuses ``hidden_size = width`` (None when it accepts it).
+
+    Some classes validate more than the modelling code needs: transformers' ``LlamaConfig`` demands
+    ``hidden_size % num_attention_heads == 0`` even with an explicit ``head_dim`` and refuses to save otherwise,
+    so a standard Llama checkpoint can only have such widths (SmolLM2, 9 heads: multiples of 9).
+    """
+    d = int(config.hidden_size)
+    candidate = uniform_config(config, width, d, float(getattr(config, "rms_norm_eps", 1e-6)))
+    validate = getattr(candidate, "validate", None)
+    if validate is None:
+        return None
+    try:
+        validate()
+    except Exception as error:  # noqa: BLE001 - transformers raises several types; the message is what matters
+        cause = getattr(error, "__cause__", None) or error
+        return str(cause).strip().splitlines()[-1]
+    return None
+
+
+def valid_widths(config, round_to: int = 8) -> list[int]:
+    """Widths (descending) the standard checkpoint can have: multiples of ``round_to`` its config accepts, and d."""
+    d = int(config.hidden_size)
+    candidates = sorted({d, *range(round_to, d + 1, round_to)}, reverse=True)
+    return [width for width in candidates if width == d or width_error(config, width) is None]
+
+
+def uniform_width_for_sparsity(config, sparsity: float, round_to: int = 8) -> int:
+    """The largest valid width at most ``(1 - sparsity) d`` (see :func:`valid_widths`)."""
+    from .schedule import uniform_width
+
+    limit = uniform_width(int(config.hidden_size), sparsity, round_to)
+    allowed = [width for width in valid_widths(config, round_to) if width <= limit]
+    if not allowed:
+        raise UserInputError(f"no uniform width <= {limit} is a multiple of {round_to} that "
+                             f"{type(config).__name__} accepts ({width_error(config, limit)}); change --round-to")
+    return allowed[0]
+
+
 def rotate_all(model: nn.Module, adapter: Adapter, basis: torch.Tensor) -> None:
     """Rotate and slice every weight that touches the (folded) residual stream with one basis (d × k)."""
     for path in adapter.embeddings:
@@ -133,6 +172,9 @@ def slice_uniform(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     d, eps = adapter.hidden_size(model.config), adapter.norm_eps(model.config)
     if not 1 <= width <= d:
         raise UserInputError(f"uniform width must be in [1, {d}], got {width}")
+    if width != d and (why := width_error(model.config, width)):
+        raise UserInputError(f"uniform width {width}: {type(model.config).__name__} refuses hidden_size {width} "
+                             f"({why}), so the result could not be saved as a standard checkpoint; pick another width")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     started = time.perf_counter()
@@ -175,9 +217,8 @@ def uniform_parameter_count(config, width: int) -> int:
 
 
 def uniform_width_for_target(config, target_params: int, round_to: int = 8) -> int:
-    """The largest width (a multiple of ``round_to``, or d) whose uniform-mode model has <= ``target_params``."""
-    d = int(config.hidden_size)
-    candidates = sorted({d, *range(round_to, d + 1, round_to)}, reverse=True)
+    """The largest valid width (see :func:`valid_widths`) whose uniform-mode model has <= ``target_params``."""
+    candidates = valid_widths(config, round_to)
     for width in candidates:
         if uniform_parameter_count(config, width) <= target_params:
             return width

@@ -241,3 +241,20 @@ def test_incoherence_rotation_in_uniform_mode_keeps_the_function():
     assert not torch.allclose(rotated.model.embed_tokens.weight, plain.model.embed_tokens.weight)
     with torch.no_grad():
         assert _max_rel_diff(plain(ids).logits, rotated(ids).logits) <= 1e-4
+
+
+def test_widths_follow_what_the_config_class_accepts(tmp_path):
+    """LlamaConfig refuses hidden sizes that are not a multiple of the head count (it would not save)."""
+    from slice2deploy.uniform import uniform_width_for_target, valid_widths, width_error
+
+    model = tiny_model("llama", hidden_size=36, num_attention_heads=3, num_key_value_heads=1, head_dim=8)
+    assert width_error(model.config, 24) is None and "multiple" in width_error(model.config, 16)
+    assert valid_widths(model.config, 8) == [36, 24]
+    ids = _ids(model)
+    sliced = slice_model(copy.deepcopy(model), ids, None, SliceConfig(mode="uniform", sparsity=0.4, round_to=4),
+                         progress=False)
+    assert sliced.config.hidden_size == 12  # (1 - 0.4) * 36 = 21.6 -> 20 (round-to 4) -> 12 (a multiple of 3 and 4)
+    save_sliced(sliced, None, tmp_path / "s", {"test": True})
+    with pytest.raises(UserInputError, match="refuses hidden_size 16"):
+        slice_model(copy.deepcopy(model), ids, None, SliceConfig(mode="uniform", widths=[16]), progress=False)
+    assert uniform_width_for_target(model.config, 10**9, 4) == 36
