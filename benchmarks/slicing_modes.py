@@ -79,8 +79,7 @@ def run(args: argparse.Namespace) -> None:
     from slice2deploy.api import load
     from slice2deploy.data import calibration_batch, load_text, token_stream
     from slice2deploy.evaluate import count_parameters, perplexity
-    from slice2deploy.schedule import uniform_width
-    from slice2deploy.uniform import uniform_width_for_target
+    from slice2deploy.uniform import uniform_width_for_sparsity, uniform_width_for_target
 
     sparsities = [float(s) for s in args.sparsities.split(",")]
     model, tokenizer, _ = load(args.model)
@@ -99,8 +98,8 @@ def run(args: argparse.Namespace) -> None:
                 if not (r["rule"] == _rule(args) and r["sparsity"] in sparsities)]
     records = list(previous)
     for sparsity in sparsities:
-        width = (uniform_width(model.config.hidden_size, sparsity, args.round_to) if args.own_width
-                 else uniform_width_for_target(model.config, budgets[sparsity], args.round_to))
+        width = (uniform_width_for_sparsity(model.config, sparsity, args.uniform_round_to) if args.own_width
+                 else uniform_width_for_target(model.config, budgets[sparsity], args.uniform_round_to))
         record = _measure(args, width, calibration, evaluation, meta)
         records.append({**record, "sparsity": sparsity, "budget": budgets[sparsity]})
         print(json.dumps({k: records[-1][k] for k in ("sparsity", "budget", "width", "parameters", "perplexity")}),
@@ -142,7 +141,12 @@ def report() -> str:
                      f"{r['parameters']:,} | {r['parameters'] / r['dense_parameters']:.3f}x | {r['perplexity']:.2f} | "
                      f"{r['perplexity'] / r['dense_perplexity']:.2f}x |")
     lines += ["", f"Reference: {OFFICIAL['label']}: {OFFICIAL['ratio']}x dense perplexity at "
-              f"{OFFICIAL['parameters'] / 1e6:.1f} M parameters.", "", "![curves](slicing_modes_smollm2.png)", ""]
+              f"{OFFICIAL['parameters'] / 1e6:.1f} M parameters.", "",
+              "`refit 0.001`: `slice --mode uniform --refit` (layer-wise least-squares refit against the dense model, "
+              "ridge 1e-3, on the same calibration tokens). Uniform widths must be multiples of SmolLM2's 9 heads for "
+              "transformers' LlamaConfig to save the checkpoint; rows whose width is not (488, 440, 416, 392, 344: "
+              "measured before that rule was enforced) compute correctly in memory but could not be saved as a "
+              "standard checkpoint.", "", "![curves](slicing_modes_smollm2.png)", ""]
     text = "\n".join(lines)
     from slice2deploy.utils import atomic_write_text
 
@@ -191,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     add_quality_args(parser)
     parser.add_argument("--own-width", action="store_true",
                         help="slice at the sparsity's own width (k = (1-s) d rounded), not at the per-layer budget")
+    parser.add_argument("--uniform-round-to", type=int, default=1,
+                        help="uniform widths: multiples of this that the config class accepts (LlamaConfig: of "
+                             "the head count, 9 for SmolLM2); default 1")
     parser.add_argument("--refit", type=float, default=None, metavar="RIDGE",
                         help="refit the uniform slice against the dense model with this ridge (slice --refit)")
     parser.add_argument("--report", action="store_true", help="only re-draw the table and plot")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable
 from enum import Enum
 
@@ -113,6 +114,9 @@ def uniform_width_for_sparsity(config, sparsity: float, round_to: int = 8) -> in
     if not allowed:
         raise UserInputError(f"no uniform width <= {limit} is a multiple of {round_to} that "
                              f"{type(config).__name__} accepts ({width_error(config, limit)}); change --round-to")
+    if allowed[0] != limit:
+        warnings.warn(f"uniform width {allowed[0]} instead of {limit}: {type(config).__name__} refuses hidden_size "
+                      f"{limit} ({width_error(config, limit)}); a smaller --round-to gives more choice", stacklevel=2)
     return allowed[0]
 
 
