@@ -53,7 +53,8 @@ def _budgets(model, sparsities: list[float], round_to: int) -> dict[float, int]:
 
 def _rule(args) -> str:
     refit = f", refit {args.refit:g}" if args.refit is not None else ""
-    return f"uniform-basis ({args.pooling}{refit}{', k from sparsity' if args.own_width else ''})"
+    calibration = f", {args.calib_samples}x{args.calib_seqlen} calibration" if args.calib_samples != 64 else ""
+    return f"uniform-basis ({args.pooling}{refit}{calibration}{', k from sparsity' if args.own_width else ''})"
 
 
 def _measure(args, width: int, calibration, evaluation, meta: dict) -> dict:
