@@ -58,11 +58,12 @@ FAMILIES = {
 
 
 def _recorded_slicing(directory: Path) -> dict | None:
+    from types import SimpleNamespace
+
+    from slice2deploy.api import slicing_record
+
     path = directory / "config.json"
-    if not path.is_file():
-        return None
-    config = json.loads(path.read_text())
-    return config.get("slice2deploy") or config.get("slicing")
+    return slicing_record(SimpleNamespace(**json.loads(path.read_text()))) if path.is_file() else None
 
 
 def _block_size(args: argparse.Namespace, family: str) -> int:

@@ -34,6 +34,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from .adapters import Adapter, get_adapter
 from .fold import TieMode, fold_norms
 from .pca import CovarianceAccumulator, pca_basis, random_orthogonal
+from .schedule import uniform_width
 from .slicing import rotate_embedding, rotate_reader, rotate_writer
 from .spectrum import position_covariances
 from .utils import UserInputError
@@ -107,8 +108,6 @@ def valid_widths(config, round_to: int = 8) -> list[int]:
 
 def uniform_width_for_sparsity(config, sparsity: float, round_to: int = 8) -> int:
     """The largest valid width at most ``(1 - sparsity) d`` (see :func:`valid_widths`)."""
-    from .schedule import uniform_width
-
     limit = uniform_width(int(config.hidden_size), sparsity, round_to)
     allowed = [width for width in valid_widths(config, round_to) if width <= limit]
     if not allowed:
