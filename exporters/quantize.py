@@ -45,6 +45,7 @@ class ShortcutPolicy(str, Enum):
 class Int4Method(str, Enum):
     RTN = "rtn"  # symmetric round-to-nearest per block (ORT's built-in blockwise quantizer)
     HQQ = "hqq"  # half-quadratic quantization: optimises scale/zero per block, no calibration data
+    GPTQ = "gptq"  # error feedback through the inverse input Gram matrix measured on calibration text (gptq.py)
 
 
 # A floor on the signal-to-noise ratio of the logits (10 log10 |ref|² / |ref - q|²) measured on calibration
@@ -83,10 +84,16 @@ class QuantConfig:
     # MatMulNBits compute: None = onnxruntime's default (float32 dequantize + GEMM); 4 = int8 compute (activations
     # quantized per block at run time: the CPU kernels' fast int8 dot-product path)
     accuracy_level: int | None = None
-    calib: str = "builtin"  # text for int8-static ranges and for the quality gate
+    calib: str = "builtin"  # text for int8-static ranges, GPTQ's Gram matrices and the quality gate
     calib_samples: int = 8
     calib_seqlen: int = 128
     seed: int = 0
+    # GPTQ's own calibration (the Gram matrices need many more tokens than the quality gate: K up to 1536) and
+    # its damping, a fraction of the mean diagonal of X^T X added before inversion
+    gptq_samples: int = 32
+    gptq_seqlen: int = 512
+    gptq_damp: float = 0.01
+    gptq_first_token_weight: float | None = None  # weight of each sequence's first token in X^T X; None: the seqlen
     snr_floor_db: float | None = None  # None: the mode's default floor
     version: int = 1
 
@@ -105,8 +112,14 @@ class QuantConfig:
                                  f"{', '.join(m.value for m in ShortcutPolicy)}") from error
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise UserInputError(f"block size must be a power of two >= 16, got {self.block_size}")
-        if self.calib_samples < 1 or self.calib_seqlen < 2:
+        if min(self.calib_samples, self.gptq_samples) < 1 or min(self.calib_seqlen, self.gptq_seqlen) < 2:
             raise UserInputError("calibration needs at least 1 sample of at least 2 tokens")
+        if self.gptq_first_token_weight is not None and self.gptq_first_token_weight <= 0:
+            raise UserInputError(f"gptq_first_token_weight must be > 0, got {self.gptq_first_token_weight}")
+        if not 0.0 < self.gptq_damp < 1.0:
+            raise UserInputError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
+        if self.method == Int4Method.GPTQ and self.mode != QuantMode.INT4:
+            raise UserInputError("method gptq is an INT4 weight quantizer; use it with mode int4")
 
     @property
     def floor(self) -> float:
@@ -228,11 +241,12 @@ def _copy_side_files(source: Path, target: Path) -> None:
             shutil.copy2(path, target / path.name)
 
 
-def _calibration_inputs(runner: OrtCausalLM, config: QuantConfig) -> list[np.ndarray]:
+def _calibration_inputs(runner: OrtCausalLM, config: QuantConfig, samples: int | None = None,
+                        seqlen: int | None = None) -> list[np.ndarray]:
     from slice2deploy.data import calibration_batch, load_text
 
-    ids, _ = calibration_batch(runner.tokenizer(), load_text(config.calib, "calibration"), config.calib_samples,
-                               config.calib_seqlen, config.seed)
+    ids, _ = calibration_batch(runner.tokenizer(), load_text(config.calib, "calibration"),
+                               samples or config.calib_samples, seqlen or config.calib_seqlen, config.seed)
     return [row[None].numpy().astype(np.int64) for row in ids]
 
 
@@ -299,6 +313,33 @@ def _quantize_nbits(source: Path, target: Path, nodes: list[str], config: QuantC
     quantizer.model.save_model_to_file(str(target), use_external_data_format=_is_large(source))
 
 
+def _quantize_gptq(source: Path, target: Path, chosen: list[WeightMatMul], config: QuantConfig,
+                   runner: OrtCausalLM) -> None:
+    """INT4 ``MatMulNBits`` for ``chosen`` by GPTQ against Gram matrices of their float inputs (gptq.py)."""
+    import onnx
+    from onnx import numpy_helper
+    from tqdm.auto import tqdm
+
+    from .gptq import gptq_quantize, probe_grams, replace_with_nbits
+
+    model = onnx.load(str(source))
+    readers = {node.name: node.input[0] for node in model.graph.node if node.input}
+    inputs = {mm.node: readers[mm.node] for mm in chosen}
+    samples = _calibration_inputs(runner, config, config.gptq_samples, config.gptq_seqlen)
+    feeds = (runner._feeds(ids, None, None, None) for ids in samples)
+    sink = config.gptq_first_token_weight or float(config.gptq_seqlen)
+    grams = probe_grams(source, sorted(set(inputs.values())), feeds, target.parent, large=_is_large(source),
+                        first_token_weight=sink,
+                        progress=lambda items: tqdm(items, desc="GPTQ calibration"))
+    weights = {init.name: init for init in model.graph.initializer}
+    for mm in tqdm(chosen, desc="GPTQ layers"):
+        weight = numpy_helper.to_array(weights[mm.weight])
+        codes, scales, zeros = gptq_quantize(weight, grams[inputs[mm.node]], config.block_size, damp=config.gptq_damp)
+        replace_with_nbits(model, mm.node, codes, scales, zeros, config.block_size, config.accuracy_level)
+    onnx.save_model(model, str(target), save_as_external_data=_is_large(source), all_tensors_to_one_file=True,
+                    location=f"{target.name}.data")
+
+
 def _is_large(model_path: Path) -> bool:
     data = [p for p in model_path.parent.iterdir() if p.suffix in (".data", ".onnx_data")]
     return sum(p.stat().st_size for p in [model_path, *data]) > (1536 << 20)
@@ -355,7 +396,9 @@ def _run_passes(model_path: Path, out: Path, full: QuantPlan, config: QuantConfi
     passes = []
     if full.chosen:
         nodes = [mm.node for mm in full.chosen]
-        if config.mode == QuantMode.INT4:
+        if config.mode == QuantMode.INT4 and config.method == Int4Method.GPTQ:
+            passes.append(lambda src, dst: _quantize_gptq(src, dst, full.chosen, config, reference))
+        elif config.mode == QuantMode.INT4:
             passes.append(lambda src, dst: _quantize_nbits(src, dst, nodes, config, bits=4))
         else:
             passes.append(lambda src, dst: _quantize_int8(src, dst, nodes, config, reference, samples))

@@ -117,7 +117,10 @@ def _quantize_parser(sub) -> None:
     parser.add_argument("--mode", required=True, choices=["int8-dynamic", "int8-static", "int4"])
     parser.add_argument("--block-size", type=int, default=32,
                         help="INT4 block size along K (default 32); slice with --round-to equal to it")
-    parser.add_argument("--method", default="rtn", choices=["rtn", "hqq"], help="INT4 weight quantizer (default rtn)")
+    parser.add_argument("--method", default="rtn", choices=["rtn", "hqq", "gptq"],
+                        help="INT4 weight quantizer (default rtn); gptq measures input Gram matrices on --calib text")
+    parser.add_argument("--gptq-samples", type=int, default=32, help="GPTQ calibration sequences (default 32)")
+    parser.add_argument("--gptq-seqlen", type=int, default=512, help="GPTQ calibration tokens per sequence")
     parser.add_argument("--quantize-head", action="store_true", help="also quantize an untied lm_head")
     parser.add_argument("--shortcuts", default="weight-int8", choices=["float", "weight-int8", "same"],
                         help="residual shortcut matrices of sliced models: weight-only 8-bit blocks (default), "
@@ -248,7 +251,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
                          accuracy_level=args.accuracy_level,
                          embedding_dtype=None if args.embedding_dtype == "float32" else args.embedding_dtype,
                          calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                         snr_floor_db=args.snr_floor)
+                         gptq_samples=args.gptq_samples, gptq_seqlen=args.gptq_seqlen, snr_floor_db=args.snr_floor)
     manifest = quantize_onnx(args.onnx_dir, args.output, config, overwrite=args.overwrite)
     size = manifest["size_bytes"]
     print(f"saved {args.output}: {manifest['quantized_matmuls']} MatMuls quantized ({args.mode}), "

@@ -36,7 +36,7 @@ def sliced_onnx(tmp_path_factory):
 
 
 def _config(text, **kwargs):
-    return QuantConfig(calib=str(text), calib_samples=4, calib_seqlen=16, **kwargs)
+    return QuantConfig(calib=str(text), calib_samples=4, calib_seqlen=16, gptq_samples=8, gptq_seqlen=16, **kwargs)
 
 
 def _op_types(path):
@@ -61,7 +61,7 @@ def test_int8_modes(dense_onnx, tiny_text_file, tmp_path, mode):
             assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in node.input)
 
 
-@pytest.mark.parametrize("method", ["rtn", "hqq"])
+@pytest.mark.parametrize("method", ["rtn", "hqq", "gptq"])
 def test_int4(dense_onnx, tiny_text_file, tmp_path, method):
     manifest = quantize_onnx(dense_onnx, tmp_path / method, _config(tiny_text_file, mode="int4", block_size=16,
                                                                     method=method))
@@ -182,7 +182,7 @@ def test_mixed_precision_and_float16_embedding(dense_onnx, tiny_text_file, tmp_p
     assert not [p for p in out.iterdir() if p.name.startswith(".stage")]
 
 
-@pytest.mark.parametrize("method", ["rtn", "hqq"])
+@pytest.mark.parametrize("method", ["rtn", "hqq", "gptq"])
 def test_accuracy_level_is_stamped_on_every_nbits_node(dense_onnx, tiny_text_file, tmp_path, method):
     manifest = quantize_onnx(dense_onnx, tmp_path / method, _config(tiny_text_file, mode="int4", block_size=16,
                                                                     method=method, accuracy_level=4,

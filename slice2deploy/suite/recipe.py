@@ -18,6 +18,7 @@ SECTIONS: dict[str, dict[str, Any]] = {  # section -> its keys and defaults
     "export": {"opset": 18, "exporter": "torchscript"},
     "quantize": {"block_size": 32, "method": "rtn", "keep_float": [], "weight_int8": [], "embedding_dtype": None,
                  "accuracy_level": None, "shortcuts": "weight-int8", "calib_samples": 8, "snr_floor_db": None,
+                 "gptq_samples": 32, "gptq_seqlen": 512,
                  "modes": {}},
     "engine": {"profile": None, "workspace_mib": None, "keep_float": []},
 }
