@@ -37,14 +37,16 @@ QUANT_MODES = ("int8-dynamic", "int8-static", "int4")
 POLICY = {
     "int8-dynamic": {"keep_float": ("down_proj",)},
     "int8-static": {"keep_float": ("down_proj",)},
-    "int4": {"weight_int8": ("down_proj",), "embedding_dtype": "float16", "accuracy_level": 4},
+    "int4": {"method": "gptq", "weight_int8": ("down_proj",), "embedding_dtype": "float16", "accuracy_level": 4},
 }
 # accuracy_level 4: MatMulNBits' int8-compute CPU kernels. Measured A/B (benchmarks/int4_accuracy_level.py):
 # decode 2.2-2.5x faster at batch 1, perplexity +0.1% dense / +1.7% sliced.
 # Which sliced checkpoint feeds each precision: per-tensor INT8 activations need the incoherence rotation
-# (random rotation inside each kept subspace: the same function, no outlier coordinates); weight-only INT4
-# loses less on the plain PCA basis (measured: logits SNR 17.2 dB PCA vs 13.3 dB rotated).
-SLICED_SOURCE = {"fp32": "pca", "int8-dynamic": "rotated", "int8-static": "rotated", "int4": "pca"}
+# (random rotation inside each kept subspace: the same function, no outlier coordinates). INT4 is GPTQ on the
+# rotated slice too: on the PCA basis the attention sink's activations sit on the first input coordinate, whose
+# rounding error GPTQ cannot move anywhere; rotated, it spreads over every coordinate and GPTQ compensates it
+# (measured in benchmarks/int4_gptq.py: per-layer slice +45% PCA vs +7.5% rotated; round-to-nearest was +41%).
+SLICED_SOURCE = {"fp32": "pca", "int8-dynamic": "rotated", "int8-static": "rotated", "int4": "rotated"}
 # The sliced families: the paper's per-layer slice (shortcut matrices, custom architecture) and the uniform-basis
 # slice refit against the dense model (a standard LlamaForCausalLM with hidden size k, head untied).
 # The uniform slice's hidden size must be a multiple of SmolLM2's 9 heads (transformers' LlamaConfig refuses to
@@ -261,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
               f"onnxruntime {meta['versions'].get('onnxruntime')}, torch {meta['machine']['torch']}. Perplexity on "
               f"the built-in evaluation split (512-token windows); prefill = one forward of {args.prefill_tokens} "
               f"tokens; decode = {args.decode_tokens} greedy tokens after a {args.decode_prompt}-token prompt, "
-              f"batch 1, KV cache. Sliced INT8 rows are quantized from the incoherence-rotated slice "
-              f"(`fp32-rotated`: the same function), INT4 rows from the plain PCA slice; residual shortcuts are "
+              f"batch 1, KV cache. Sliced INT8 and INT4 rows are quantized from the incoherence-rotated slice "
+              f"(`fp32-rotated`: the same function); INT4 is GPTQ (every row, dense too); residual shortcuts are "
               f"weight-only 8-bit blocks in every quantized sliced row. `uniform-*` rows: the one-basis slice "
               f"(`--mode uniform --refit`: a standard LlamaForCausalLM of hidden size k, head untied, refit against "
               f"the dense model by least squares; no shortcut matrices; round-to and INT4 blocks of 16, since its "

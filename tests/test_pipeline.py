@@ -19,6 +19,8 @@ from slice2deploy.utils import UserInputError
 pytest.importorskip("onnxruntime")
 pytest.importorskip("matplotlib")
 
+from exporters.quantize import QUANT_MANIFEST  # noqa: E402
+
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
@@ -111,6 +113,19 @@ def test_uniform_refit_recipe_builds_a_standard_sliced_model(pipeline_run, tiny_
     assert config["slice2deploy"]["refit"] == 1e-3 and config["slice2deploy"]["mode"] == "uniform"
 
 
+def test_gptq_int4_recipe_on_the_incoherent_slice(tiny_llama_dir, tiny_text_file, tmp_path):
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tiny_llama_dir, tiny_text_file, **{
+        "slice.incoherence": True, "bench.backends": {"onnxruntime": ["fp32", "int4"]},
+        "quantize": {"block_size": 16, "modes": {"int4": {"method": "gptq", "gptq_samples": 4, "gptq_seqlen": 32}},
+                     "calib_samples": 2}}))
+    statuses = {s.key: s.status for s in run_pipeline(recipe, tmp_path / "out", progress=False, log=False,
+                                                      build_only=True)}
+    assert statuses["quantize-sliced-0.25-int4"] == "ran"
+    manifest = json.loads((tmp_path / "out" / "quantize-sliced-0.25-int4" / "onnx" / QUANT_MANIFEST).read_text())
+    assert manifest["config"]["method"] == "gptq" and manifest["config"]["gptq_seqlen"] == 32
+    assert manifest["logits_snr_db"] >= manifest["snr_floor_db"]
+
+
 def _writer(name: str, text: str, fail: bool = False):
     def run(tmp: Path, upstream: dict) -> dict:
         (tmp / name).write_text(text)
@@ -169,6 +184,7 @@ BAD_RECIPES = [
     ({"quantize.modes": {"int3": {}}}, r"recipe key 'quantize.modes.int3' is not known"),
     ({"quantize.modes": {"int4": {"bits": 3}}}, r"recipe key 'quantize.modes.int4.bits' is not known"),
     ({"quantize.modes": {"int4": {"embedding_dtype": "int8"}}}, r"'quantize.modes.int4.embedding_dtype' must be"),
+    ({"quantize.modes": {"int4": {"method": "awq"}}}, r"'quantize.modes.int4.method' must be rtn, hqq or gptq"),
     ({"slice.refit": True}, r"section 'slice': refit is a uniform-mode option"),
     ({"slice.mode": "layerwise"}, r"section 'slice': mode must be 'per-layer' or 'uniform'"),
     ({"slice.mode": "uniform", "slice.refit": 0}, r"section 'slice': refit ridge must be > 0"),

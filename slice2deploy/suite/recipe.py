@@ -83,6 +83,8 @@ def _check_quant_modes(quantize: dict) -> dict:
             raise UserInputError(f"recipe key '{where}.accuracy_level' must be null or 0-4")
         if settings.get("embedding_dtype") not in (None, "float16"):
             raise UserInputError(f"recipe key '{where}.embedding_dtype' must be null or float16")
+        if settings.get("method", "rtn") not in ("rtn", "hqq", "gptq"):
+            raise UserInputError(f"recipe key '{where}.method' must be rtn, hqq or gptq")
         if settings.get("shortcuts", "weight-int8") not in ("float", "weight-int8", "same"):
             raise UserInputError(f"recipe key '{where}.shortcuts' must be float, weight-int8 or same")
     return {**quantize, "modes": {mode: dict(overrides or {}) for mode, overrides in modes.items()}}
