@@ -11,7 +11,9 @@ and accumulated over the calibration sequences), so all layers are solved indepe
 every sequence is weighted up (by default as much as all the sequence's other tokens together): it is the
 attention sink that every later token reads, with outsized activations. Unweighted, GPTQ pushes its error onto
 that rare token: measured on SmolLM2 INT4, the logits SNR rose but perplexity got worse than round-to-nearest,
-all of it in the first positions of each window (see benchmarks/results/int4_gptq_cpu.md). Quantization is
+the loss concentrated in the first positions of each window (benchmarks/results/int4_gptq_cpu.md). On a PCA slice
+the sink lives on the first input coordinate, whose own rounding error GPTQ cannot redistribute: quantize the
+``--incoherence`` slice instead (the same function, the sink spread over every coordinate). Quantization is
 asymmetric 4-bit per block of ``block_size`` input rows (MatMulNBits' layout: blocks along K, one scale and one
 4-bit zero point per output column and block), with the block's clipping range searched on the updated weights.
 """

@@ -147,6 +147,14 @@ def test_cli_quantize_then_info_and_eval(dense_onnx, tiny_text_file, tmp_path, c
     assert result["backend"] == "onnxruntime" and result["perplexity"] > 1
     assert main(["quantize", str(dense_onnx), "-o", str(tmp_path / "x"), "--mode", "int4", "--block-size", "24"]) == 2
     assert "power of two" in capsys.readouterr().err
+    gptq = tmp_path / "cli-gptq"
+    assert main(["quantize", str(dense_onnx), "-o", str(gptq), "--mode", "int4", "--block-size", "16", "--method",
+                 "gptq", "--calib", str(tiny_text_file), "--gptq-samples", "3", "--gptq-seqlen", "16"]) == 0
+    config = json.loads((gptq / QUANT_MANIFEST).read_text())["config"]
+    assert (config["method"], config["gptq_samples"], config["gptq_seqlen"]) == ("gptq", 3, 16)
+    assert main(["quantize", str(dense_onnx), "-o", str(tmp_path / "y"), "--mode", "int8-dynamic", "--method",
+                 "gptq"]) == 2
+    assert "INT4 weight quantizer" in capsys.readouterr().err
 
 
 def test_keep_float_and_gemm_handling(tiny_text_file, tmp_path):
