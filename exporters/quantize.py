@@ -84,6 +84,10 @@ class QuantConfig:
     # MatMulNBits compute: None = onnxruntime's default (float32 dequantize + GEMM); 4 = int8 compute (activations
     # quantized per block at run time: the CPU kernels' fast int8 dot-product path)
     accuracy_level: int | None = None
+    # int8-static graph format: "qdq" (QuantizeLinear/DequantizeLinear pairs, fused by the runtime) or "qoperator"
+    # (QLinearMatMul nodes with uint8 activations). Measured on SmolLM2 CPU: onnxruntime fuses only the o_proj QDQ
+    # MatMuls, so QDQ decodes at 3-4 tok/s; QOperator is benchmarks/results/onnx_runtime_cpu_smollm2.md's note.
+    static_format: str = "qdq"
     calib: str = "builtin"  # text for int8-static ranges, GPTQ's Gram matrices and the quality gate
     calib_samples: int = 8
     calib_seqlen: int = 128
@@ -101,6 +105,8 @@ class QuantConfig:
         self.keep_float, self.weight_int8 = tuple(self.keep_float), tuple(self.weight_int8)
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise UserInputError(f"accuracy_level must be 0-4 (or unset), got {self.accuracy_level!r}")
+        if self.static_format not in ("qdq", "qoperator"):
+            raise UserInputError(f"static_format must be 'qdq' or 'qoperator', got {self.static_format!r}")
         if self.embedding_dtype not in (None, "float16"):
             raise UserInputError(f"embedding_dtype must be None or 'float16', got {self.embedding_dtype!r}")
         try:
@@ -269,9 +275,11 @@ def _quantize_int8(source: Path, target: Path, nodes: list[str], config: QuantCo
     if config.mode == QuantMode.INT8_DYNAMIC:
         quantize_dynamic(source, target, **common)
         return
-    static = {"quant_format": QuantFormat.QDQ, "activation_type": QuantType.QInt8,
+    qdq = config.static_format == "qdq"  # QLinearMatMul kernels take uint8 (asymmetric) activations
+    static = {"quant_format": QuantFormat.QDQ if qdq else QuantFormat.QOperator,
+              "activation_type": QuantType.QInt8 if qdq else QuantType.QUInt8,
               "calibrate_method": CalibrationMethod.MinMax,
-              "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True}}
+              "extra_options": {"ActivationSymmetric": qdq, "WeightSymmetric": True}}
     quantize_static(source, target, _Reader(runner, samples), **static, **common)
 
 

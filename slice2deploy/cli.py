@@ -119,6 +119,8 @@ def _quantize_parser(sub) -> None:
                         help="INT4 block size along K (default 32); slice with --round-to equal to it")
     parser.add_argument("--method", default="rtn", choices=["rtn", "hqq", "gptq"],
                         help="INT4 weight quantizer (default rtn); gptq measures input Gram matrices on --calib text")
+    parser.add_argument("--static-format", default="qdq", choices=["qdq", "qoperator"],
+                        help="int8-static graph: QDQ pairs (default) or QLinearMatMul nodes (uint8 activations)")
     parser.add_argument("--gptq-samples", type=int, default=32, help="GPTQ calibration sequences (default 32)")
     parser.add_argument("--gptq-seqlen", type=int, default=512, help="GPTQ calibration tokens per sequence")
     parser.add_argument("--quantize-head", action="store_true", help="also quantize an untied lm_head")
@@ -251,7 +253,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
                          accuracy_level=args.accuracy_level,
                          embedding_dtype=None if args.embedding_dtype == "float32" else args.embedding_dtype,
                          calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                         gptq_samples=args.gptq_samples, gptq_seqlen=args.gptq_seqlen, snr_floor_db=args.snr_floor)
+                         gptq_samples=args.gptq_samples, gptq_seqlen=args.gptq_seqlen, snr_floor_db=args.snr_floor,
+                         static_format=args.static_format)
     manifest = quantize_onnx(args.onnx_dir, args.output, config, overwrite=args.overwrite)
     size = manifest["size_bytes"]
     print(f"saved {args.output}: {manifest['quantized_matmuls']} MatMuls quantized ({args.mode}), "

@@ -141,7 +141,8 @@ def _quantize_step(recipe: Recipe, model: str, mode: str) -> Step:
                              embedding_dtype=cfg["embedding_dtype"], shortcuts=cfg["shortcuts"],
                              accuracy_level=cfg["accuracy_level"],
                              calib_samples=cfg["calib_samples"], snr_floor_db=cfg["snr_floor_db"],
-                             gptq_samples=cfg["gptq_samples"], gptq_seqlen=cfg["gptq_seqlen"])
+                             gptq_samples=cfg["gptq_samples"], gptq_seqlen=cfg["gptq_seqlen"],
+                             static_format=cfg["static_format"])
         try:
             manifest = quantize_onnx(Path(upstream[source]["directory"]) / "onnx", tmp / "onnx", config,
                                      overwrite=True)

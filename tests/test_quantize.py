@@ -43,6 +43,16 @@ def _op_types(path):
     return [node.op_type for node in onnx.load(str(path / "model.onnx")).graph.node]
 
 
+def test_int8_static_qoperator_format(dense_onnx, tiny_text_file, tmp_path):
+    manifest = quantize_onnx(dense_onnx, tmp_path / "qop", _config(tiny_text_file, mode="int8-static",
+                                                                 static_format="qoperator"))
+    ops = _op_types(tmp_path / "qop")
+    assert ops.count("QLinearMatMul") == manifest["quantized_matmuls"] == 14 and "DequantizeLinear" in ops
+    assert manifest["logits_snr_db"] >= manifest["snr_floor_db"]
+    with pytest.raises(UserInputError, match="static_format"):
+        QuantConfig(mode="int8-static", static_format="qint")
+
+
 @pytest.mark.parametrize("mode", ["int8-dynamic", "int8-static"])
 def test_int8_modes(dense_onnx, tiny_text_file, tmp_path, mode):
     manifest = quantize_onnx(dense_onnx, tmp_path / mode, _config(tiny_text_file, mode=mode))

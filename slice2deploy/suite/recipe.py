@@ -18,7 +18,7 @@ SECTIONS: dict[str, dict[str, Any]] = {  # section -> its keys and defaults
     "export": {"opset": 18, "exporter": "torchscript"},
     "quantize": {"block_size": 32, "method": "rtn", "keep_float": [], "weight_int8": [], "embedding_dtype": None,
                  "accuracy_level": None, "shortcuts": "weight-int8", "calib_samples": 8, "snr_floor_db": None,
-                 "gptq_samples": 32, "gptq_seqlen": 512,
+                 "gptq_samples": 32, "gptq_seqlen": 512, "static_format": "qdq",
                  "modes": {}},
     "engine": {"profile": None, "workspace_mib": None, "keep_float": []},
 }
@@ -83,6 +83,8 @@ def _check_quant_modes(quantize: dict) -> dict:
             raise UserInputError(f"recipe key '{where}.accuracy_level' must be null or 0-4")
         if settings.get("embedding_dtype") not in (None, "float16"):
             raise UserInputError(f"recipe key '{where}.embedding_dtype' must be null or float16")
+        if settings.get("static_format", "qdq") not in ("qdq", "qoperator"):
+            raise UserInputError(f"recipe key '{where}.static_format' must be qdq or qoperator")
         if settings.get("method", "rtn") not in ("rtn", "hqq", "gptq"):
             raise UserInputError(f"recipe key '{where}.method' must be rtn, hqq or gptq")
         if settings.get("shortcuts", "weight-int8") not in ("float", "weight-int8", "same"):
