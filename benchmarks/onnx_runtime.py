@@ -26,7 +26,7 @@ import numpy as np
 
 from benchmarks.slicing_quality import machine, write_results
 
-QUANT_MODES = ("int8-dynamic", "int8-static", "int4")
+QUANT_MODES = ("int8-dynamic", "int8-static", "int8-static-qop", "int4")  # precisions; -qop: QOperator graph
 
 # One quantization policy per mode, the same for dense and sliced models (recorded in every row):
 # SmolLM2's MLP down-projection inputs carry massive outlier activations that per-tensor INT8 activation
@@ -37,6 +37,7 @@ QUANT_MODES = ("int8-dynamic", "int8-static", "int4")
 POLICY = {
     "int8-dynamic": {"keep_float": ("down_proj",)},
     "int8-static": {"keep_float": ("down_proj",)},
+    "int8-static-qop": {"keep_float": ("down_proj",), "static_format": "qoperator"},
     "int4": {"method": "gptq", "weight_int8": ("down_proj",), "embedding_dtype": "float16", "accuracy_level": 4},
 }
 # accuracy_level 4: MatMulNBits' int8-compute CPU kernels. Measured A/B (benchmarks/int4_accuracy_level.py):
@@ -46,7 +47,8 @@ POLICY = {
 # rotated slice too: on the PCA basis the attention sink's activations sit on the first input coordinate, whose
 # rounding error GPTQ cannot move anywhere; rotated, it spreads over every coordinate and GPTQ compensates it
 # (measured in benchmarks/int4_gptq.py: per-layer slice +45% PCA vs +7.5% rotated; round-to-nearest was +41%).
-SLICED_SOURCE = {"fp32": "pca", "int8-dynamic": "rotated", "int8-static": "rotated", "int4": "rotated"}
+SLICED_SOURCE = {"fp32": "pca", "int8-dynamic": "rotated", "int8-static": "rotated", "int8-static-qop": "rotated",
+                 "int4": "rotated"}
 # The sliced families: the paper's per-layer slice (shortcut matrices, custom architecture) and the uniform-basis
 # slice refit against the dense model (a standard LlamaForCausalLM with hidden size k, head untied).
 # The uniform slice's hidden size must be a multiple of SmolLM2's 9 heads (transformers' LlamaConfig refuses to
@@ -99,7 +101,7 @@ def _quantized(fp32: Path, target: Path, mode: str, block_size: int, rebuild: bo
                extra: dict | None = None) -> Path:
     from exporters.quantize import QUANT_MANIFEST, QuantConfig, quantize_onnx
 
-    config = QuantConfig(mode=mode, block_size=block_size, **{**POLICY[mode], **(extra or {})})
+    config = QuantConfig(mode=mode.removesuffix("-qop"), block_size=block_size, **{**POLICY[mode], **(extra or {})})
     manifest = target / QUANT_MANIFEST
     if rebuild or not manifest.is_file() or json.loads(manifest.read_text()).get("config") != config.to_dict():
         quantize_onnx(fp32, target, config, overwrite=True)  # absent, or built under another policy
@@ -263,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
               f"onnxruntime {meta['versions'].get('onnxruntime')}, torch {meta['machine']['torch']}. Perplexity on "
               f"the built-in evaluation split (512-token windows); prefill = one forward of {args.prefill_tokens} "
               f"tokens; decode = {args.decode_tokens} greedy tokens after a {args.decode_prompt}-token prompt, "
-              f"batch 1, KV cache. Sliced INT8 and INT4 rows are quantized from the incoherence-rotated slice "
+              f"batch 1, KV cache. `int8-static` is a QDQ graph, `int8-static-qop` the same calibration as a QOperator "
+              f"graph (QLinearMatMul, uint8 activations). Sliced INT8 and INT4 rows are quantized from the "
+              f"incoherence-rotated slice "
               f"(`fp32-rotated`: the same function); INT4 is GPTQ (every row, dense too); residual shortcuts are "
               f"weight-only 8-bit blocks in every quantized sliced row. `uniform-*` rows: the one-basis slice "
               f"(`--mode uniform --refit`: a standard LlamaForCausalLM of hidden size k, head untied, refit against "

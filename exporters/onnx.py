@@ -86,6 +86,9 @@ class OnnxExportConfig:
     external_data: bool | None = None
     atol: float | None = None  # None: DEFAULT_TOLERANCE of the dtype
     rtol: float | None = None
+    # a generation graph: logits of the last position only (batch, 1, vocab). Prefill then skips the head's GEMM
+    # and the logits tensor for every other prompt position; perplexity needs every position and is refused.
+    last_logits: bool = False
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -130,10 +133,11 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return inputs, ["logits", *(f"present.{n}" for n in kv)]
 
 
-def dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
+def dynamic_axes(num_layers: int, last_logits: bool = False) -> dict[str, dict[int, str]]:
     inputs, outputs = io_names(num_layers)
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
-            "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+            "position_ids": {0: "batch", 1: "sequence"},
+            "logits": {0: "batch"} if last_logits else {0: "batch", 1: "sequence"}}
     axes.update({name: {0: "batch", 2: "past_sequence"} for name in inputs[3:]})
     axes.update({name: {0: "batch", 2: "total_sequence"} for name in outputs[1:]})
     return axes
@@ -146,10 +150,11 @@ class FlatCacheCausalLM(nn.Module):
     the past tensors (key, value per layer; length 0 for a prefill) and flattens the updated cache again.
     """
 
-    def __init__(self, model: nn.Module, num_layers: int):
+    def __init__(self, model: nn.Module, num_layers: int, last_logits: bool = False):
         super().__init__()
         self.model = model
         self.num_layers = num_layers
+        self.last_logits = last_logits
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -158,7 +163,7 @@ class FlatCacheCausalLM(nn.Module):
         # No config: every layer keeps its whole past (a sliding window lives in the mask, not in the cache).
         cache = DynamicCache(list(zip(past[0::2], past[1::2], strict=True)) if past else None)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+                         past_key_values=cache, use_cache=True, logits_to_keep=1 if self.last_logits else 0)
         presents = [t for layer in out.past_key_values.layers[: self.num_layers] for t in (layer.keys, layer.values)]
         return (out.logits, *presents)
 
@@ -225,7 +230,8 @@ def _export_graph(flat: FlatCacheCausalLM, args: tuple, path: Path, config: Onnx
             # aten::index of the padding mask: its indices are aranges, never negative (the case the warning is about).
             warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
             torch.onnx.export(flat, args, str(path), input_names=inputs, output_names=outputs,
-                              dynamic_axes=dynamic_axes(flat.num_layers), opset_version=config.opset,
+                              dynamic_axes=dynamic_axes(flat.num_layers, flat.last_logits),
+                              opset_version=config.opset,
                               do_constant_folding=True, dynamo=False)
         return
     try:
@@ -271,12 +277,19 @@ def _share_transposed(model) -> int:
     return len(removed)
 
 
-def _finalize_graph(scratch: Path, target: Path, external_data: bool) -> int:
-    """Re-save the exported graph at ``target`` in our layout (one optional data file); return shared tensors."""
+def _finalize_graph(scratch: Path, target: Path, external_data: bool, last_logits: bool = False) -> int:
+    """Re-save the exported graph at ``target`` in our layout (one optional data file); return shared tensors.
+
+    A last-logits graph gets its logits' sequence axis declared as 1 (the tracer leaves a symbolic name): runners
+    and quantizers read that from the graph, which travels with every derived model."""
     import onnx
 
     model = onnx.load(str(scratch))
     shared = _share_transposed(model)
+    if last_logits:
+        logits = next(output for output in model.graph.output if output.name == "logits")
+        logits.type.tensor_type.shape.dim[1].Clear()
+        logits.type.tensor_type.shape.dim[1].dim_value = 1
     if external_data:
         onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024)
@@ -291,7 +304,7 @@ def _write_graph(flat: FlatCacheCausalLM, config: OnnxExportConfig, out: Path, e
     scratch = out / ".export"
     scratch.mkdir()
     _export_graph(flat, _trace_inputs(flat, flat.model.config.vocab_size), scratch / MODEL_FILE, config)
-    shared = _finalize_graph(scratch / MODEL_FILE, out / MODEL_FILE, external_data)
+    shared = _finalize_graph(scratch / MODEL_FILE, out / MODEL_FILE, external_data, flat.last_logits)
     shutil.rmtree(scratch)
     return shared
 
@@ -350,7 +363,7 @@ def _manifest(out: Path, config: OnnxExportConfig, source: dict | None, num_laye
         "dtype": config.dtype.value,
         "exporter": config.exporter.value,
         "external_data": external_data,
-        "io": {"inputs": inputs, "outputs": outputs, "dynamic_axes": dynamic_axes(num_layers)},
+        "io": {"inputs": inputs, "outputs": outputs, "dynamic_axes": dynamic_axes(num_layers, config.last_logits)},
         "parameters": graph["parameters"],
         "size_bytes": sum(p.stat().st_size for p in out.iterdir() if p.name.startswith(MODEL_FILE)),
         "shared_transposed_initializers": shared,
@@ -369,7 +382,7 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: str | Path, config: OnnxEx
     check_output_dir(out_dir, overwrite)
     started = time.perf_counter()
     model = _model_in_dtype(model, config.dtype.torch)
-    flat = FlatCacheCausalLM(model, num_layers_of(model)).eval()
+    flat = FlatCacheCausalLM(model, num_layers_of(model), config.last_logits).eval()
     external = config.external_data
     if external is None:
         external = _parameter_bytes(model, config.dtype.torch) > EXTERNAL_DATA_BYTES

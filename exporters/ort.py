@@ -170,6 +170,8 @@ class OrtCausalLM:
         self.num_layers = len(past) // 2
         self.kv_heads, self.head_dim = int(past[0].shape[1]), int(past[0].shape[3])
         self.kv_dtype = ORT_DTYPES[past[0].type]
+        # a generation graph (export with last_logits): logits (batch, 1, vocab) whatever the sequence length
+        self.last_logits_only = self.session.get_outputs()[self.output_names.index("logits")].shape[1] == 1
 
     # -- metadata -------------------------------------------------------------------------------------------------
     def _json(self, name: str) -> dict:
@@ -319,6 +321,9 @@ class OrtCausalLM:
     def perplexity(self, token_ids, seqlen: int = 512, batch_size: int = 4, max_tokens: int | None = None,
                    progress: bool = False) -> PerplexityResult:
         """Perplexity over the same windows as :func:`slice2deploy.evaluate.perplexity` (same loss, float32)."""
+        if self.last_logits_only:
+            raise UserInputError(f"{self.directory} is a generation graph (exported with last_logits: logits of the "
+                                 "last position only); perplexity needs every position: evaluate a full export")
         token_ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long)
 
         def logits(ids: torch.Tensor) -> torch.Tensor:

@@ -102,6 +102,8 @@ def _export_parser(sub) -> None:
                       help="torch.onnx exporter (default torchscript: fast and checked; dynamo needs onnxscript)")
     onnx.add_argument("--external-data", default="auto", choices=["auto", "always", "never"],
                       help="weights in model.onnx.data: auto = above 1.5 GB (default auto)")
+    onnx.add_argument("--last-logits", action="store_true",
+                      help="generation graph: logits of the last position only (faster prefill; no perplexity)")
     onnx.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     onnx.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
     onnx.set_defaults(handler=_run_export_onnx)
@@ -233,7 +235,8 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
 
     external = {"auto": None, "always": True, "never": False}[args.external_data]
     options = {"opset": args.opset} if args.opset is not None else {}
-    config = OnnxExportConfig(dtype=args.dtype, exporter=args.exporter, external_data=external, **options)
+    config = OnnxExportConfig(dtype=args.dtype, exporter=args.exporter, external_data=external,
+                              last_logits=args.last_logits, **options)
     manifest = export_pretrained(args.model, args.output, config, overwrite=args.overwrite,
                                  trust_remote_code=args.trust_remote_code)
     parity = manifest["parity"]

@@ -184,6 +184,23 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(exported):
     assert np.array_equal(runner.generate(prompt, 8, do_sample=True, top_k=1, seed=3), greedy)
 
 
+@pytest.mark.parametrize("variant", ["llama-sliced", "opt-dense"])
+def test_last_logits_generation_graph(export_of, variant, tmp_path):
+    model, full_dir, _ = export_of(variant)
+    out = tmp_path / "last"
+    manifest = export_onnx(model, tiny_tokenizer(), out, OnnxExportConfig(last_logits=True))
+    assert manifest["parity"]["max_abs_diff"] <= FP32_LIMIT
+    full, last = OrtCausalLM(full_dir), OrtCausalLM(out)
+    assert last.last_logits_only and not full.last_logits_only
+    ids = np.random.default_rng(5).integers(3, model.config.vocab_size, (2, 9))
+    logits = last.forward(ids)[0]
+    assert logits.shape == (2, 1, model.config.vocab_size)
+    np.testing.assert_allclose(logits[:, 0], full.forward(ids)[0][:, -1], atol=1e-5)
+    np.testing.assert_array_equal(last.generate(ids[:1], max_new_tokens=12), full.generate(ids[:1], max_new_tokens=12))
+    with pytest.raises(UserInputError, match="generation graph"):
+        last.perplexity(np.arange(40) % model.config.vocab_size, seqlen=16)
+
+
 def test_generation_stops_at_eos(tmp_path):
     model = _model("llama-dense")
     prompt = np.arange(3, 9)[None]

@@ -1,0 +1,95 @@
+"""Interleaved prefill A/B on ONNX Runtime (CPU): dense vs sliced fp32 exports, one process, alternating calls.
+
+Timings on a shared 2-core VM drift by 10-20% between runs, which is as large as the effect being measured;
+alternating the models call by call puts every model under the same drift, so their ratio is stable even when
+the absolute times are not. ``-last`` rows are generation graphs (``export onnx --last-logits``: logits of the
+last prompt position only), built here from the same checkpoints. Run after
+``python -m benchmarks.onnx_runtime --build-only`` (same work directory):
+
+    python -m benchmarks.prefill_ab
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.slicing_quality import machine, write_results
+
+MODELS = {"dense": "dense-fp32", "sliced-0.25": "sliced-0.25-fp32", "uniform-0.25": "uniform-0.25-fp32"}
+CHECKPOINTS = {"sliced-0.25": "sliced-0.25", "uniform-0.25": "uniform-0.25"}  # dense: --model
+
+
+def _last_logits_exports(work: Path, model: str) -> dict[str, Path]:
+    """The generation-graph export of every model (built once, reused when present)."""
+    from exporters.onnx import OnnxExportConfig, export_pretrained
+
+    exports = {}
+    for name, directory in MODELS.items():
+        target = work / f"{directory}-last"
+        if not (target / "model.onnx").exists():
+            source = model if name == "dense" else str(work / CHECKPOINTS[name])
+            export_pretrained(source, target, OnnxExportConfig(last_logits=True), overwrite=True)
+        exports[f"{name}-last"] = target
+    return exports
+
+
+def main(argv: list[str] | None = None) -> int:
+    from exporters.ort import OrtCausalLM, runtime_versions
+    from slice2deploy.data import load_text, token_stream
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="out/bench-onnx")
+    parser.add_argument("--model", default="smollm2-135m", help="the dense model's spec (for its last-logits export)")
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--name", default="prefill_ab_cpu_smollm2")
+    args = parser.parse_args(argv)
+    work = Path(args.work)
+    directories = {**{name: work / directory for name, directory in MODELS.items()},
+                   **_last_logits_exports(work, args.model)}
+    runners = {name: OrtCausalLM(directory) for name, directory in directories.items()}
+    stream = token_stream(runners["dense"].tokenizer(), load_text("builtin", "evaluation"))
+    prompt = stream[: args.tokens].numpy()[None].astype(np.int64)
+    for runner in runners.values():  # warm-up
+        runner.forward(prompt)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(args.rounds):
+        for name, runner in runners.items():
+            start = time.perf_counter()
+            runner.forward(prompt)
+            times[name].append((time.perf_counter() - start) * 1000)
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+            "versions": runtime_versions(), "prompt_tokens": args.tokens, "rounds": args.rounds,
+            "command": "python -m benchmarks.prefill_ab " + " ".join(argv if argv is not None else sys.argv[1:])}
+    records = []
+    for name, values in times.items():
+        dense = times["dense-last" if name.endswith("-last") else "dense"]
+        ratios = [a / b for a, b in zip(values, dense, strict=True)]  # per round: the same moment on the machine
+        records.append({"model": name, "median_ms": round(statistics.median(values), 1),
+                        "min_ms": round(min(values), 1), "max_ms": round(max(values), 1),
+                        "ratio_median": round(statistics.median(ratios), 3),
+                        "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3), **meta})
+        print(records[-1]["model"], records[-1]["median_ms"], records[-1]["ratio_median"], file=sys.stderr)
+    lines = [f"# Interleaved prefill ({args.tokens} tokens, batch 1) on ONNX Runtime CPU, fp32\n",
+             f"Measured {meta['date']} on {meta['machine']['cpu']} ({meta['machine']['cores']} cores), onnxruntime "
+             f"{meta['versions'].get('onnxruntime')}; {args.rounds} rounds, each calling every model once in turn "
+             "(after one warm-up call each). Ratio: each round's time over the dense model's time in the same "
+             "round (`-last` rows: over `dense-last`); median (min-max) over rounds.  ",
+             f"Command: `{meta['command']}`", "",
+             "| model | prefill ms: median (min-max) | vs dense: median (min-max) |", "|---|---:|---:|"]
+    for r in records:
+        lines.append(f"| {r['model']} | {r['median_ms']:.0f} ({r['min_ms']:.0f}-{r['max_ms']:.0f}) | "
+                     f"{r['ratio_median']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) |")
+    write_results(args.name, records, "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
