@@ -331,6 +331,11 @@ def _quantize_gptq(source: Path, target: Path, chosen: list[WeightMatMul], confi
     from .gptq import gptq_quantize, probe_grams, replace_with_nbits
 
     model = onnx.load(str(source))
+    weights = {init.name: init for init in model.graph.initializer}
+    not_float32 = sorted({mm.node for mm in chosen if weights[mm.weight].data_type != onnx.TensorProto.FLOAT})
+    if not_float32:
+        raise UserInputError(f"GPTQ writes float32 scales and needs a float32 export; {not_float32[0]} (and "
+                             f"{len(not_float32) - 1} more) is not float32: export with --dtype float32")
     readers = {node.name: node.input[0] for node in model.graph.node if node.input}
     inputs = {mm.node: readers[mm.node] for mm in chosen}
     samples = _calibration_inputs(runner, config, config.gptq_samples, config.gptq_seqlen)
@@ -339,7 +344,6 @@ def _quantize_gptq(source: Path, target: Path, chosen: list[WeightMatMul], confi
     grams = probe_grams(source, sorted(set(inputs.values())), feeds, target.parent, large=_is_large(source),
                         first_token_weight=sink,
                         progress=lambda items: tqdm(items, desc="GPTQ calibration"))
-    weights = {init.name: init for init in model.graph.initializer}
     for mm in tqdm(chosen, desc="GPTQ layers"):
         weight = numpy_helper.to_array(weights[mm.weight])
         codes, scales, zeros = gptq_quantize(weight, grams[inputs[mm.node]], config.block_size, damp=config.gptq_damp)

@@ -93,3 +93,18 @@ def test_probe_grams_reads_intermediate_tensors_and_weights_the_first_token(tmp_
     rows = np.concatenate([np.maximum(f["x"][0], 0) * np.array([[2.0]] + [[1.0]] * 4) for f in feeds])
     np.testing.assert_allclose(grams["r"], rows.T.astype(np.float64) @ rows, rtol=1e-6)
     assert int(grams["__tokens__"]) == 15 and not list(scratch.iterdir())  # the probe graph is cleaned up
+
+
+def test_gptq_refuses_a_float16_export(tmp_path, tiny_text_file):
+    from exporters.onnx import OnnxExportConfig, export_onnx
+    from exporters.quantize import quantize_onnx
+
+    from .conftest import tiny_model, tiny_tokenizer
+
+    source = tmp_path / "fp16"
+    export_onnx(tiny_model("llama"), tiny_tokenizer(), source, OnnxExportConfig(dtype="float16"))
+    config = QuantConfig(mode="int4", method="gptq", block_size=16, calib=str(tiny_text_file), calib_samples=2,
+                         calib_seqlen=16, gptq_samples=2, gptq_seqlen=16)
+    with pytest.raises(UserInputError, match="float32 export"):
+        quantize_onnx(source, tmp_path / "out", config)
+    assert not (tmp_path / "out").exists()
