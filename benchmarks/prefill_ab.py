@@ -12,8 +12,11 @@ last prompt position only), built here from the same checkpoints. Run after
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import statistics
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +43,42 @@ def _last_logits_exports(work: Path, model: str) -> dict[str, Path]:
     return exports
 
 
+def op_profile(directory: Path, feeds: dict, calls: int) -> dict[str, float]:
+    """Mean milliseconds per prefill spent in each op type (ONNX Runtime's profiler, kernel time only)."""
+    import onnxruntime as ort
+
+    from exporters.ort import check_onnx_dir
+
+    with tempfile.TemporaryDirectory(prefix="slice2deploy-profile-") as tmp:
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "prefill")
+        session = ort.InferenceSession(str(check_onnx_dir(directory)), options, providers=["CPUExecutionProvider"])
+        for _ in range(calls + 1):  # the first call warms up; every call is profiled and counted
+            session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    per_op: collections.Counter = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_op[event["args"]["op_name"]] += event["dur"]
+    return {op: total / (calls + 1) / 1000 for op, total in per_op.most_common()}
+
+
+def _profile_table(profiles: dict[str, dict[str, float]]) -> list[str]:
+    names = list(profiles)
+    ops = sorted(set().union(*profiles.values()), key=lambda op: -profiles[names[0]].get(op, 0.0))
+    shown = ops[:8]
+    lines = ["", "Kernel time per prefill of the `-last` graphs by op type (ONNX Runtime profiler; mean over "
+             "every profiled call, the first one included), ms:", "",
+             "| op | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for op in shown:
+        lines.append(f"| {op} | " + " | ".join(f"{profiles[n].get(op, 0.0):.1f}" for n in names) + " |")
+    for label, selected in (("other ops", [op for op in ops if op not in shown]), ("all ops", ops)):
+        lines.append(f"| {label} | " + " | ".join(f"{sum(profiles[n].get(op, 0.0) for op in selected):.1f}"
+                                                    for n in names) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     from exporters.ort import OrtCausalLM, runtime_versions
     from slice2deploy.data import load_text, token_stream
@@ -49,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m", help="the dense model's spec (for its last-logits export)")
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--profile-calls", type=int, default=5,
+                        help="profiled prefills per generation graph for the op-type breakdown (0: none)")
     parser.add_argument("--name", default="prefill_ab_cpu_smollm2")
     args = parser.parse_args(argv)
     work = Path(args.work)
@@ -87,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in records:
         lines.append(f"| {r['model']} | {r['median_ms']:.0f} ({r['min_ms']:.0f}-{r['max_ms']:.0f}) | "
                      f"{r['ratio_median']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) |")
+    if args.profile_calls > 0:
+        feeds = runners["dense"]._feeds(prompt, None, None, None)
+        profiles = {name: op_profile(directories[name], feeds, args.profile_calls)
+                    for name in runners if name.endswith("-last")}
+        for record in records:
+            record["op_ms"] = profiles.get(record["model"])
+        lines += _profile_table(profiles)
     write_results(args.name, records, "\n".join(lines) + "\n")
     return 0
 
