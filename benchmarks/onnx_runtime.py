@@ -37,7 +37,7 @@ QUANT_MODES = ("int8-dynamic", "int8-static", "int8-static-qop", "int4")  # prec
 POLICY = {
     "int8-dynamic": {"keep_float": ("down_proj",)},
     "int8-static": {"keep_float": ("down_proj",)},
-    "int8-static-qop": {"keep_float": ("down_proj",), "static_format": "qoperator"},
+    "int8-static-qop": {"mode": "int8-static", "keep_float": ("down_proj",), "static_format": "qoperator"},
     "int4": {"method": "gptq", "weight_int8": ("down_proj",), "embedding_dtype": "float16", "accuracy_level": 4},
 }
 # accuracy_level 4: MatMulNBits' int8-compute CPU kernels. Measured A/B (benchmarks/int4_accuracy_level.py):
@@ -97,11 +97,11 @@ def _fp32(source: str, target: Path, rebuild: bool = False) -> Path:
     return target
 
 
-def _quantized(fp32: Path, target: Path, mode: str, block_size: int, rebuild: bool = False,
+def _quantized(fp32: Path, target: Path, precision: str, block_size: int, rebuild: bool = False,
                extra: dict | None = None) -> Path:
     from exporters.quantize import QUANT_MANIFEST, QuantConfig, quantize_onnx
 
-    config = QuantConfig(mode=mode.removesuffix("-qop"), block_size=block_size, **{**POLICY[mode], **(extra or {})})
+    config = QuantConfig(**{"mode": precision, "block_size": block_size, **POLICY[precision], **(extra or {})})
     manifest = target / QUANT_MANIFEST
     if rebuild or not manifest.is_file() or json.loads(manifest.read_text()).get("config") != config.to_dict():
         quantize_onnx(fp32, target, config, overwrite=True)  # absent, or built under another policy

@@ -90,8 +90,8 @@ def _block_params(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fake_quant(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, top: int) -> np.ndarray:
-    """Quantize and dequantize ``w`` (rows share one scale / zero point, broadcast along the last axis)."""
-    scale, zero = scale.reshape(-1, *([1] * (w.ndim - 1))), zero.reshape(-1, *([1] * (w.ndim - 1)))
+    """Quantize and dequantize the rows of ``w``, each with its own scale and zero point."""
+    scale, zero = scale[:, None], zero[:, None]
     return (np.clip(np.round(w / scale) + zero, 0, top) - zero) * scale
 
 
@@ -170,13 +170,11 @@ def pack_matmul_nbits(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, 
 
 
 def replace_with_nbits(model, node_name: str, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
-                       block_size: int, accuracy_level: int | None, bits: int = 4) -> None:
-    """Swap the MatMul ``node_name`` for a ``MatMulNBits`` node holding the given codes (in place on ``model``);
-    its float weight initializer is dropped when nothing else reads it."""
+                       block_size: int, accuracy_level: int | None) -> None:
+    """Swap the MatMul ``node_name`` for a 4-bit ``MatMulNBits`` node holding the given codes (in place on
+    ``model``); its float weight initializer is dropped when nothing else reads it."""
     from onnx import helper, numpy_helper
 
-    if bits != 4:
-        raise UserInputError("GPTQ packing is written for 4-bit codes")
     nodes = {node.name: node for node in model.graph.node}
     node = nodes[node_name]
     weight_name = node.input[1]
@@ -185,7 +183,7 @@ def replace_with_nbits(model, node_name: str, codes: np.ndarray, scales: np.ndar
     names = [f"{weight_name}_Q4", f"{weight_name}_scales", f"{weight_name}_zero_points"]
     model.graph.initializer.extend(numpy_helper.from_array(array, name) for array, name
                                    in zip((packed, scale_flat, zero_flat), names, strict=True))
-    attributes = {"K": k, "N": n, "bits": bits, "block_size": block_size}
+    attributes = {"K": k, "N": n, "bits": 4, "block_size": block_size}
     if accuracy_level is not None:
         attributes["accuracy_level"] = accuracy_level
     replacement = helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),

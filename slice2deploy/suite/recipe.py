@@ -22,6 +22,13 @@ SECTIONS: dict[str, dict[str, Any]] = {  # section -> its keys and defaults
                  "modes": {}},
     "engine": {"profile": None, "workspace_mib": None, "keep_float": []},
 }
+QUANT_CHOICES = {  # quantize key -> (allowed values, how the error message names them)
+    "accuracy_level": ((None, 0, 1, 2, 3, 4), "null or 0-4"),
+    "embedding_dtype": ((None, "float16"), "null or float16"),
+    "static_format": (("qdq", "qoperator"), "qdq or qoperator"),
+    "method": (("rtn", "hqq", "gptq"), "rtn, hqq or gptq"),
+    "shortcuts": (("float", "weight-int8", "same"), "float, weight-int8 or same"),
+}
 TOP_KEYS = ("name", "model", "profile", "sparsities", "slice", "eval", "export", "quantize", "engine", "bench")
 BENCH_KEYS = (*PROFILE_KEYS, "if_available", "threads")
 PRECISION_HINT = {"int4": "INT4/INT8 run on onnxruntime or tensorrt", "int8": "tensorrt's int8 is W8A8 Q/DQ",
@@ -79,16 +86,9 @@ def _check_quant_modes(quantize: dict) -> dict:
     for mode, overrides in modes.items():
         _check_keys(overrides or {}, overridable, f"quantize.modes.{mode}")
     for where, settings in [("quantize", quantize), *((f"quantize.modes.{m}", o or {}) for m, o in modes.items())]:
-        if settings.get("accuracy_level") not in (None, 0, 1, 2, 3, 4):
-            raise UserInputError(f"recipe key '{where}.accuracy_level' must be null or 0-4")
-        if settings.get("embedding_dtype") not in (None, "float16"):
-            raise UserInputError(f"recipe key '{where}.embedding_dtype' must be null or float16")
-        if settings.get("static_format", "qdq") not in ("qdq", "qoperator"):
-            raise UserInputError(f"recipe key '{where}.static_format' must be qdq or qoperator")
-        if settings.get("method", "rtn") not in ("rtn", "hqq", "gptq"):
-            raise UserInputError(f"recipe key '{where}.method' must be rtn, hqq or gptq")
-        if settings.get("shortcuts", "weight-int8") not in ("float", "weight-int8", "same"):
-            raise UserInputError(f"recipe key '{where}.shortcuts' must be float, weight-int8 or same")
+        for key, (allowed, described) in QUANT_CHOICES.items():
+            if key in settings and settings[key] not in allowed:
+                raise UserInputError(f"recipe key '{where}.{key}' must be {described}")
     return {**quantize, "modes": {mode: dict(overrides or {}) for mode, overrides in modes.items()}}
 
 
