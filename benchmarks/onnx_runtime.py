@@ -26,6 +26,11 @@ import numpy as np
 
 from benchmarks.slicing_quality import machine, write_results
 
+# Every fp32 export writes attention as one ONNX Attention node per layer (exporters/attention.py): on ONNX Runtime
+# CPU the eager graph's ~20 small attention ops per layer cost as much as the slicing saves in prefill
+# (benchmarks/prefill_ab.py measures both). Exports made under other settings are rebuilt, and so is everything
+# quantized from them.
+EXPORT = {"attention": "fused"}
 QUANT_MODES = ("int8-dynamic", "int8-static", "int8-static-qop", "int4")  # precisions; -qop: QOperator graph
 
 # One quantization policy per mode, the same for dense and sliced models (recorded in every row):
@@ -89,22 +94,31 @@ def _slice(args: argparse.Namespace, target: Path, incoherence: bool, family: st
     return True
 
 
-def _fp32(source: str, target: Path, rebuild: bool = False) -> Path:
-    from exporters.onnx import OnnxExportConfig, export_pretrained
+def _fp32(source: str, target: Path, rebuild: bool = False, **options) -> Path:
+    """The fp32 export of ``source`` at ``target`` with :data:`EXPORT` settings (and ``options``), (re)built when
+    absent, made under other settings, or when ``rebuild``."""
+    from exporters.onnx import MANIFEST_FILE, OnnxExportConfig, export_pretrained
 
-    if rebuild or not (target / "model.onnx").exists():
-        export_pretrained(source, target, OnnxExportConfig(), overwrite=True)
+    config = OnnxExportConfig(**{**EXPORT, **options})
+    manifest = target / MANIFEST_FILE
+    if rebuild or not manifest.is_file() or json.loads(manifest.read_text()).get("export_config") != config.to_dict():
+        export_pretrained(source, target, config, overwrite=True)
     return target
 
 
 def _quantized(fp32: Path, target: Path, precision: str, block_size: int, rebuild: bool = False,
                extra: dict | None = None) -> Path:
+    """The quantized version of ``fp32``, (re)built when absent, made under another policy or from another graph."""
+    from exporters.onnx import MANIFEST_FILE
     from exporters.quantize import QUANT_MANIFEST, QuantConfig, quantize_onnx
 
     config = QuantConfig(**{"mode": precision, "block_size": block_size, **POLICY[precision], **(extra or {})})
     manifest = target / QUANT_MANIFEST
-    if rebuild or not manifest.is_file() or json.loads(manifest.read_text()).get("config") != config.to_dict():
-        quantize_onnx(fp32, target, config, overwrite=True)  # absent, or built under another policy
+    source_sha = json.loads((fp32 / MANIFEST_FILE).read_text())["files_sha256"]["model.onnx"]
+    recorded = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    if (rebuild or recorded.get("config") != config.to_dict()
+            or recorded.get("source", {}).get("model_sha256") != source_sha):
+        quantize_onnx(fp32, target, config, overwrite=True)
     return target
 
 

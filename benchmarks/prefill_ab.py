@@ -2,8 +2,8 @@
 
 Timings on a shared 2-core VM drift by 10-20% between runs, which is as large as the effect being measured;
 alternating the models call by call puts every model under the same drift, so their ratio is stable even when
-the absolute times are not. ``-last`` rows are generation graphs (``export onnx --last-logits``: logits of the
-last prompt position only), built here from the same checkpoints. Run after
+the absolute times are not. Rows: the benchmark's exports (fused attention: one ONNX Attention node per layer)
+and ``-eager`` rows, the same checkpoints exported with the model's own attention ops (built here). Run after
 ``python -m benchmarks.onnx_runtime --build-only`` (same work directory):
 
     python -m benchmarks.prefill_ab
@@ -29,18 +29,13 @@ MODELS = {"dense": "dense-fp32", "sliced-0.25": "sliced-0.25-fp32", "uniform-0.2
 CHECKPOINTS = {"sliced-0.25": "sliced-0.25", "uniform-0.25": "uniform-0.25"}  # dense: --model
 
 
-def _last_logits_exports(work: Path, model: str) -> dict[str, Path]:
-    """The generation-graph export of every model (built once, reused when present)."""
-    from exporters.onnx import OnnxExportConfig, export_pretrained
+def _eager_exports(work: Path, model: str) -> dict[str, Path]:
+    """The eager-attention export of every model (built once, rebuilt when made under other settings)."""
+    from benchmarks.onnx_runtime import _fp32
 
-    exports = {}
-    for name, directory in MODELS.items():
-        target = work / f"{directory}-last"
-        if not (target / "model.onnx").exists():
-            source = model if name == "dense" else str(work / CHECKPOINTS[name])
-            export_pretrained(source, target, OnnxExportConfig(last_logits=True), overwrite=True)
-        exports[f"{name}-last"] = target
-    return exports
+    return {f"{name}-eager": _fp32(model if name == "dense" else str(work / CHECKPOINTS[name]),
+                                   work / f"{directory}-eager", attention="eager")
+            for name, directory in MODELS.items()}
 
 
 def op_profile(directory: Path, feeds: dict, calls: int) -> dict[str, float]:
@@ -68,7 +63,7 @@ def _profile_table(profiles: dict[str, dict[str, float]]) -> list[str]:
     names = list(profiles)
     ops = sorted(set().union(*profiles.values()), key=lambda op: -profiles[names[0]].get(op, 0.0))
     shown = ops[:8]
-    lines = ["", "Kernel time per prefill of the `-last` graphs by op type (ONNX Runtime profiler; mean over "
+    lines = ["", "Kernel time per prefill by op type (ONNX Runtime profiler; mean over "
              "every profiled call, the first one included), ms:", "",
              "| op | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for op in shown:
@@ -85,16 +80,16 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="out/bench-onnx")
-    parser.add_argument("--model", default="smollm2-135m", help="the dense model's spec (for its last-logits export)")
+    parser.add_argument("--model", default="smollm2-135m", help="the dense model's spec (for its eager export)")
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--profile-calls", type=int, default=5,
-                        help="profiled prefills per generation graph for the op-type breakdown (0: none)")
+                        help="profiled prefills per model for the op-type breakdown (0: none)")
     parser.add_argument("--name", default="prefill_ab_cpu_smollm2")
     args = parser.parse_args(argv)
     work = Path(args.work)
     directories = {**{name: work / directory for name, directory in MODELS.items()},
-                   **_last_logits_exports(work, args.model)}
+                   **_eager_exports(work, args.model)}
     runners = {name: OrtCausalLM(directory) for name, directory in directories.items()}
     stream = token_stream(runners["dense"].tokenizer(), load_text("builtin", "evaluation"))
     prompt = stream[: args.tokens].numpy()[None].astype(np.int64)
@@ -111,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python -m benchmarks.prefill_ab " + " ".join(argv if argv is not None else sys.argv[1:])}
     records = []
     for name, values in times.items():
-        dense = times["dense-last" if name.endswith("-last") else "dense"]
+        dense = times["dense-eager" if name.endswith("-eager") else "dense"]
         ratios = [a / b for a, b in zip(values, dense, strict=True)]  # per round: the same moment on the machine
         records.append({"model": name, "median_ms": round(statistics.median(values), 1),
                         "min_ms": round(min(values), 1), "max_ms": round(max(values), 1),
@@ -122,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
              f"Measured {meta['date']} on {meta['machine']['cpu']} ({meta['machine']['cores']} cores), onnxruntime "
              f"{meta['versions'].get('onnxruntime')}; {args.rounds} rounds, each calling every model once in turn "
              "(after one warm-up call each). Ratio: each round's time over the dense model's time in the same "
-             "round (`-last` rows: over `dense-last`); median (min-max) over rounds.  ",
+             "round (`-eager` rows: over `dense-eager`); median (min-max) over rounds.  ",
              f"Command: `{meta['command']}`", "",
              "| model | prefill ms: median (min-max) | vs dense: median (min-max) |", "|---|---:|---:|"]
     for r in records:
@@ -130,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['ratio_median']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) |")
     if args.profile_calls > 0:
         feeds = runners["dense"]._feeds(prompt, None, None, None)
-        profiles = {name: op_profile(directories[name], feeds, args.profile_calls)
-                    for name in runners if name.endswith("-last")}
+        profiles = {name: op_profile(directories[name], feeds, args.profile_calls) for name in runners}
         for record in records:
             record["op_ms"] = profiles.get(record["model"])
         lines += _profile_table(profiles)

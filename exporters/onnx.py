@@ -11,7 +11,8 @@ and fp16, on the three parity shapes (prefill with past 0, decode, left padding)
 - TorchScript (``dynamo=False``, the default here): matches PyTorch to ~1e-7 everywhere, exports a tiny model
   in ~0.5 s, needs no extra package. torch marks it deprecated, hence the option below.
 - torch.export (``dynamo=True``, needs onnxscript): matches too, but is 10-20x slower to export.
-Both are traced with the *eager* attention implementation. With SDPA, the TorchScript exporter's symbolic
+Both are traced with the *eager* attention implementation (or, with ``attention="fused"``, one ONNX ``Attention`` node
+per layer: see exporters/attention.py; TorchScript only). With SDPA, the TorchScript exporter's symbolic
 builds its mask in float32 and float16 OPT graphs fail to load (LayerNormalization bound to float and float16),
 and the torch.export graph differs from PyTorch at left-padded positions (values nobody reads, but the parity
 gate compares every position).
@@ -19,14 +20,12 @@ gate compares every position).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from enum import Enum
@@ -38,6 +37,7 @@ from torch import nn
 
 from slice2deploy.utils import UserInputError, atomic_directory, check_output_dir, sha256_bytes, sha256_file
 
+from . import attention as fused_attention
 from .ort import MANIFEST_FILE, MODEL_FILE, OrtCausalLM, graph_summary, require_onnx, runtime_versions
 from .parity import Runner, Tolerance, check_parity, parity_cases
 
@@ -64,6 +64,17 @@ class Exporter(str, Enum):
     DYNAMO = "dynamo"
 
 
+class AttentionKind(str, Enum):
+    """How attention is written: ``eager`` (the model's ops, any opset) or ``fused`` (ONNX Attention, opset 23)."""
+
+    EAGER = "eager"
+    FUSED = "fused"
+
+    @property
+    def default_opset(self) -> int:
+        return fused_attention.ONNX_ATTENTION_OPSET if self is AttentionKind.FUSED else 18
+
+
 # Parity limits (atol, rtol), rtol relative to each output's max |value|; any wrong mask, position or cache wiring
 # gives O(1) relative errors, far above both. float32: tiny models agree to ~1e-7, but SmolLM2-135M's logits (scale
 # ~10-30, 30 layers, GEMMs summed in another order by MLAS than by PyTorch) differ by 1.1e-4 on prefill, so a
@@ -78,11 +89,13 @@ DEFAULT_TOLERANCE = {OnnxDtype.FLOAT32: (1e-4, 1e-4), OnnxDtype.FLOAT16: (1e-3, 
 
 @dataclass
 class OnnxExportConfig:
-    """How to export: dtype, opset, exporter, external data (None: only above 1.5 GB) and parity tolerance."""
+    """How to export: dtype, opset (None: 18, or 23 for fused attention), exporter, attention, external data
+    (None: only above 1.5 GB) and parity tolerance."""
 
     dtype: OnnxDtype = OnnxDtype.FLOAT32
-    opset: int = 18
+    opset: int | None = None
     exporter: Exporter = Exporter.TORCHSCRIPT
+    attention: AttentionKind = AttentionKind.EAGER
     external_data: bool | None = None
     atol: float | None = None  # None: DEFAULT_TOLERANCE of the dtype
     rtol: float | None = None
@@ -94,9 +107,18 @@ class OnnxExportConfig:
     def __post_init__(self) -> None:
         self.dtype = _enum(OnnxDtype, self.dtype, "dtype")
         self.exporter = _enum(Exporter, self.exporter, "exporter")
+        self.attention = _enum(AttentionKind, self.attention, "attention")
+        if self.opset is None:
+            self.opset = self.attention.default_opset
         if isinstance(self.opset, bool) or not isinstance(self.opset, int) or self.opset < MIN_OPSET:
             raise UserInputError(f"opset must be an integer >= {MIN_OPSET}, got {self.opset!r}")
-        if self.exporter is Exporter.TORCHSCRIPT and self.opset > TORCHSCRIPT_MAX_OPSET:
+        if self.attention is AttentionKind.FUSED:
+            if self.exporter is not Exporter.TORCHSCRIPT:
+                raise UserInputError("attention=fused is traced by the torchscript exporter; use exporter=torchscript")
+            if self.opset < fused_attention.ONNX_ATTENTION_OPSET:
+                raise UserInputError(f"attention=fused writes ONNX Attention, which needs opset >= "
+                                     f"{fused_attention.ONNX_ATTENTION_OPSET}; got {self.opset}")
+        elif self.exporter is Exporter.TORCHSCRIPT and self.opset > TORCHSCRIPT_MAX_OPSET:
             raise UserInputError(f"the torchscript exporter supports opset {MIN_OPSET}..{TORCHSCRIPT_MAX_OPSET}, "
                                  f"got {self.opset}; use exporter=dynamo for newer opsets")
         if self.exporter is Exporter.DYNAMO and self.opset < DYNAMO_MIN_OPSET:
@@ -112,7 +134,8 @@ class OnnxExportConfig:
         return Tolerance(atol if self.atol is None else self.atol, rtol if self.rtol is None else self.rtol)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "dtype": self.dtype.value, "exporter": self.exporter.value}
+        return {**asdict(self), "dtype": self.dtype.value, "exporter": self.exporter.value,
+                "attention": self.attention.value}
 
     @classmethod
     def from_dict(cls, data: dict) -> OnnxExportConfig:
@@ -173,17 +196,6 @@ def num_layers_of(model: nn.Module) -> int:
     return int(config.num_hidden_layers)
 
 
-@contextlib.contextmanager
-def eager_attention(model: nn.Module) -> Iterator[None]:
-    """Trace with the eager attention implementation (see the module docstring), then put the original back."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-
-
 def _model_in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """The model in ``dtype``: itself when it already is, else a copy (casting in place would lose the original)."""
     if all(p.dtype == dtype for p in model.parameters() if p.is_floating_point()):
@@ -231,7 +243,7 @@ def _export_graph(flat: FlatCacheCausalLM, args: tuple, path: Path, config: Onnx
             warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
             torch.onnx.export(flat, args, str(path), input_names=inputs, output_names=outputs,
                               dynamic_axes=dynamic_axes(flat.num_layers, flat.last_logits),
-                              opset_version=config.opset,
+                              opset_version=min(config.opset, TORCHSCRIPT_MAX_OPSET),
                               do_constant_folding=True, dynamo=False)
         return
     try:
@@ -277,16 +289,25 @@ def _share_transposed(model) -> int:
     return len(removed)
 
 
-def _finalize_graph(scratch: Path, target: Path, external_data: bool, last_logits: bool = False) -> int:
-    """Re-save the exported graph at ``target`` in our layout (one optional data file); return shared tensors.
+def _finalize_graph(scratch: Path, target: Path, external_data: bool, config: OnnxExportConfig,
+                    num_layers: int) -> dict:
+    """Re-save the exported graph at ``target`` in our layout (one optional data file); return what was rewritten.
 
     A last-logits graph gets its logits' sequence axis declared as 1 (the tracer leaves a symbolic name): runners
-    and quantizers read that from the graph, which travels with every derived model."""
+    and quantizers read that from the graph, which travels with every derived model. A fused-attention graph is
+    converted to its opset and gets its Attention nodes (one per layer, or the export fails)."""
     import onnx
 
     model = onnx.load(str(scratch))
-    shared = _share_transposed(model)
-    if last_logits:
+    rewritten = {"shared_transposed_initializers": _share_transposed(model)}
+    if config.attention is AttentionKind.FUSED:
+        fused = fused_attention.promote_to_onnx_attention(model, config.opset)
+        if fused != num_layers:
+            raise UserInputError(f"attention=fused: the traced graph has {fused} Attention nodes for {num_layers} "
+                                 "layers (this model's attention does not go through transformers' attention "
+                                 "functions); export with attention=eager")
+        rewritten["fused_attention_nodes"] = fused
+    if config.last_logits:
         logits = next(output for output in model.graph.output if output.name == "logits")
         logits.type.tensor_type.shape.dim[1].Clear()
         logits.type.tensor_type.shape.dim[1].dim_value = 1
@@ -296,17 +317,19 @@ def _finalize_graph(scratch: Path, target: Path, external_data: bool, last_logit
     else:
         onnx.save_model(model, str(target))
     onnx.checker.check_model(str(target))  # by path: works with external data and above 2 GB
-    return shared
+    return rewritten
 
 
-def _write_graph(flat: FlatCacheCausalLM, config: OnnxExportConfig, out: Path, external_data: bool) -> int:
-    """Trace into a scratch folder, then save model.onnx (+ data) in ``out``; return the shared transposes."""
+def _write_graph(flat: FlatCacheCausalLM, config: OnnxExportConfig, out: Path, external_data: bool) -> dict:
+    """Trace into a scratch folder, then save model.onnx (+ data) in ``out``; return what was rewritten."""
     scratch = out / ".export"
     scratch.mkdir()
-    _export_graph(flat, _trace_inputs(flat, flat.model.config.vocab_size), scratch / MODEL_FILE, config)
-    shared = _finalize_graph(scratch / MODEL_FILE, out / MODEL_FILE, external_data, flat.last_logits)
+    implementation = "eager" if config.attention is AttentionKind.EAGER else fused_attention.IMPLEMENTATION
+    with fused_attention.attention_implementation(flat.model, implementation):
+        _export_graph(flat, _trace_inputs(flat, flat.model.config.vocab_size), scratch / MODEL_FILE, config)
+    rewritten = _finalize_graph(scratch / MODEL_FILE, out / MODEL_FILE, external_data, config, flat.num_layers)
     shutil.rmtree(scratch)
-    return shared
+    return rewritten
 
 
 def _torch_runner(flat: FlatCacheCausalLM) -> Runner:
@@ -350,7 +373,7 @@ def _write_side_files(model: nn.Module, tokenizer, out: Path) -> None:
 
 
 def _manifest(out: Path, config: OnnxExportConfig, source: dict | None, num_layers: int, external_data: bool,
-              shared: int, parity: dict, seconds: dict) -> dict:
+              rewritten: dict, parity: dict, seconds: dict) -> dict:
     inputs, outputs = io_names(num_layers)
     graph = graph_summary(out / MODEL_FILE)
     return {
@@ -366,7 +389,7 @@ def _manifest(out: Path, config: OnnxExportConfig, source: dict | None, num_laye
         "io": {"inputs": inputs, "outputs": outputs, "dynamic_axes": dynamic_axes(num_layers, config.last_logits)},
         "parameters": graph["parameters"],
         "size_bytes": sum(p.stat().st_size for p in out.iterdir() if p.name.startswith(MODEL_FILE)),
-        "shared_transposed_initializers": shared,
+        **rewritten,
         "parity": parity,
         "seconds": seconds,
         "files_sha256": {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()},
@@ -387,13 +410,15 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: str | Path, config: OnnxEx
     if external is None:
         external = _parameter_bytes(model, config.dtype.torch) > EXTERNAL_DATA_BYTES
     # Validated inside the atomic directory: a failed check (checker, parity) leaves nothing at out_dir.
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp, eager_attention(model):
-        shared = _write_graph(flat, config, tmp, external)
+    # The parity reference is always the model's own eager attention, whichever way the graph writes it.
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        rewritten = _write_graph(flat, config, tmp, external)
         exported = time.perf_counter()
-        parity = _check_parity(flat, tmp, config.tolerance)
+        with fused_attention.attention_implementation(model, "eager"):
+            parity = _check_parity(flat, tmp, config.tolerance)
         _write_side_files(model, tokenizer, tmp)
         seconds = {"export": round(exported - started, 2), "parity": round(time.perf_counter() - exported, 2)}
-        manifest = _manifest(tmp, config, source, flat.num_layers, external, shared, parity, seconds)
+        manifest = _manifest(tmp, config, source, flat.num_layers, external, rewritten, parity, seconds)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     return {**manifest, "output": str(Path(out_dir).expanduser().resolve())}
 

@@ -4,6 +4,11 @@ Three cases cover the code paths that differ inside the graph: a prefill with an
 a one-token decode step that reads the prefill's cache, and a batch with left padding (zeros in the attention
 mask, positions counted from the first real token). Every output (logits and each present key/value) is
 compared on every case; all of them are recorded, and any above its limit raises :class:`ParityError`.
+
+Outputs are compared at every position a consumer reads: a padded position (attention mask 0) is excluded, in
+the logits (its query row) and in the presents (its key/value column). What attention computes for a query that
+sees only masked keys is a convention, not a result: transformers' eager attention averages every key uniformly,
+ONNX ``Attention`` returns zeros; later steps mask those keys, so no output that is read depends on them.
 """
 
 from __future__ import annotations
@@ -81,14 +86,30 @@ def _describe(inputs: dict[str, np.ndarray]) -> dict:
             "padded_tokens": int((inputs["attention_mask"] == 0).sum())}
 
 
-def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict[str, float]:
-    """Max |Δ| of every reference output (float32 arithmetic, so float16 outputs do not overflow)."""
+SEQUENCE_AXIS = {"logits": 1}  # outputs not listed (the presents) have their sequence on axis 2
+
+
+def _read_positions(name: str, output: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """``output`` with only its non-padded positions, sequence axis first: (positions, ...)."""
+    axis = SEQUENCE_AXIS.get(name.split(".")[0], 2)
+    length = output.shape[axis]
+    read = attention_mask[:, attention_mask.shape[1] - length:] != 0  # the output's positions are the mask's last
+    return np.moveaxis(output, axis, 1)[read]
+
+
+def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
+            attention_mask: np.ndarray | None = None) -> dict[str, float]:
+    """Max |Δ| of every reference output (float32 arithmetic, so float16 outputs do not overflow), at the
+    positions ``attention_mask`` marks as real when it is given."""
     diffs = {}
     for name, expected in reference.items():
         actual = candidate[name]
         if actual.shape != expected.shape:
             diffs[name] = float("inf")
-        elif expected.size == 0:
+            continue
+        if attention_mask is not None and expected.ndim >= 3:
+            expected, actual = (_read_positions(name, x, attention_mask) for x in (expected, actual))
+        if expected.size == 0:
             diffs[name] = 0.0
         else:
             diffs[name] = float(np.abs(actual.astype(np.float32) - expected.astype(np.float32)).max())
@@ -102,7 +123,7 @@ def check_parity(reference: Runner, candidate: Runner, cases: list[tuple[str, di
     failures = []
     for case, inputs in cases:
         expected, actual = reference(inputs), candidate(inputs)
-        diffs = compare(expected, actual)
+        diffs = compare(expected, actual, inputs.get("attention_mask"))
         limits = {name: tolerance.limit(value) for name, value in expected.items()}
         report["cases"][case] = {"inputs": _describe(inputs), "max_abs_diff": diffs, "limit": limits}
         failures += [{"case": case, "output": name, "max_abs_diff": diff, "limit": limits[name]}

@@ -266,6 +266,16 @@ class _Reader:
         return next(self._feeds, None)
 
 
+QDQ_OUTPUT_DTYPE_OPSET = 21  # QuantizeLinear gains its output_dtype attribute
+
+
+def _opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def _quantize_int8(source: Path, target: Path, nodes: list[str], config: QuantConfig,
                    runner: OrtCausalLM, samples: list[np.ndarray]) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -279,7 +289,11 @@ def _quantize_int8(source: Path, target: Path, nodes: list[str], config: QuantCo
     static = {"quant_format": QuantFormat.QDQ if qdq else QuantFormat.QOperator,
               "activation_type": QuantType.QInt8 if qdq else QuantType.QUInt8,
               "calibrate_method": CalibrationMethod.MinMax,
-              "extra_options": {"ActivationSymmetric": qdq, "WeightSymmetric": True}}
+              "extra_options": {"ActivationSymmetric": qdq, "WeightSymmetric": True,
+                                # ORT's QDQ propagation stamps output_dtype=int8 on the Q nodes it moves, then its
+                                # S8->U8 pass makes their zero points uint8: opset >= 21 graphs then fail to load
+                                # (onnxruntime#25526). com.microsoft Q/DQ (same kernels) have no output_dtype.
+                                "UseQDQContribOps": qdq and _opset(source) >= QDQ_OUTPUT_DTYPE_OPSET}}
     quantize_static(source, target, _Reader(runner, samples), **static, **common)
 
 

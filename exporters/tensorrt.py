@@ -805,7 +805,11 @@ def make_trt_ready(source_dir: str | Path, out_dir: str | Path, config: TrtBuild
     model_path = check_onnx_dir(source)
     if Path(out_dir).expanduser().resolve() == source.resolve():
         raise UserInputError("the output directory must differ from the input (inputs are never modified)")
-    quantized_ops = QUANTIZED_OPS & set(graph_summary(model_path)["ops"])
+    ops = set(graph_summary(model_path)["ops"])
+    if "Attention" in ops:
+        raise UserInputError(f"{source} writes attention as fused ONNX Attention nodes (export --attention fused), "
+                             "which this TensorRT path does not take; export with --attention eager for TensorRT")
+    quantized_ops = QUANTIZED_OPS & ops
     if quantized_ops:
         raise UserInputError(f"{source} is already quantized ({', '.join(sorted(quantized_ops))}); TensorRT-ready "
                              "graphs are made from the float32 export, which this step quantizes itself")

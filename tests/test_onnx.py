@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import subprocess
@@ -27,7 +28,9 @@ pytest.importorskip("onnxruntime")  # the exporters import it lazily; without th
 onnx = pytest.importorskip("onnx")
 
 FP32_LIMIT = 1e-4
-VARIANTS = ["llama-dense", "opt-dense", "llama-sliced", "opt-sliced"]
+VARIANTS = ["llama-dense", "opt-dense", "llama-sliced", "opt-sliced",
+            # attention as one ONNX Attention node per layer (opset 23); tiny Llama has grouped KV heads (4 / 2)
+            "llama-dense-fused", "opt-dense-fused", "llama-sliced-fused", "opt-sliced-fused"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,7 +43,7 @@ def _one_torch_thread():
 
 
 def _model(variant: str) -> torch.nn.Module:
-    model_type, kind = variant.split("-")
+    model_type, kind = variant.split("-")[:2]
     model = tiny_model(model_type)
     if kind == "sliced":
         calibration = torch.randint(0, model.config.vocab_size, (6, 24), generator=torch.Generator().manual_seed(0))
@@ -56,7 +59,8 @@ def export_of(tmp_path_factory):
     def get(variant: str):
         if variant not in cache:
             model, out = _model(variant), tmp_path_factory.mktemp("onnx") / variant
-            manifest = export_onnx(model, tiny_tokenizer(), out, OnnxExportConfig(), source={"spec": variant})
+            config = OnnxExportConfig(attention="fused" if variant.endswith("-fused") else "eager")
+            manifest = export_onnx(model, tiny_tokenizer(), out, config, source={"spec": variant})
             cache[variant] = model, out, manifest
         return cache[variant]
 
@@ -101,7 +105,15 @@ def test_manifest_records_parity_on_every_output_and_shape(exported):
     graph = onnx.load(str(out / MODEL_FILE), load_external_data=False).graph
     assert [i.name for i in graph.input] == inputs and [o.name for o in graph.output] == outputs
     recorded = json.loads((out / MANIFEST_FILE).read_text())
-    assert recorded["parity"]["passed"] and recorded["opset"] == 18 and recorded["dtype"] == "float32"
+    fused = out.name.endswith("-fused")
+    assert recorded["parity"]["passed"] and recorded["opset"] == (23 if fused else 18)
+    assert recorded["dtype"] == "float32" and recorded["export_config"]["attention"] == ("fused" if fused else "eager")
+    ops = collections.Counter(node.op_type for node in graph.node)
+    if fused:  # one Attention per layer, and no attention arithmetic left around it
+        assert ops["Attention"] == recorded["fused_attention_nodes"] == num_layers
+        assert "Softmax" not in ops and "Expand" not in {n.op_type for n in graph.node if "self_attn" in n.name}
+    else:
+        assert "Attention" not in ops and ops["Softmax"] == num_layers
     assert recorded["parity"]["tolerance"] == {"atol": 1e-4, "rtol": 1e-4}
     assert recorded["source"] == {"spec": out.name} and recorded["versions"]["onnxruntime"]
     assert recorded["io"]["inputs"] == inputs and recorded["files_sha256"][MODEL_FILE]
@@ -216,10 +228,12 @@ def _export_to(model, out: Path, **config) -> Path:
     return out
 
 
-def test_float16_export_passes_its_gate(tmp_path):
-    out = _export_to(_model("llama-sliced"), tmp_path / "fp16", dtype="float16")
+@pytest.mark.parametrize("attention", ["eager", "fused"])
+def test_float16_export_passes_its_gate(tmp_path, attention):
+    out = _export_to(_model("llama-sliced"), tmp_path / "fp16", dtype="float16", attention=attention)
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["dtype"] == "float16" and manifest["parity"]["passed"]
+    assert manifest.get("fused_attention_nodes", 0) == (2 if attention == "fused" else 0)
     assert manifest["parity"]["tolerance"] == {"atol": 1e-3, "rtol": 2e-2}
     graph = onnx.load(str(out / MODEL_FILE), load_external_data=False).graph
     assert graph.input[3].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
@@ -301,6 +315,9 @@ def test_cuda_without_a_gpu(export_of, monkeypatch):
     ({"dtype": "bfloat16"}, "unknown dtype 'bfloat16'"),
     ({"exporter": "magic"}, "unknown exporter"),
     ({"atol": -1.0}, "atol must be >= 0"),
+    ({"attention": "flash"}, "unknown attention 'flash'"),
+    ({"attention": "fused", "opset": 20}, "needs opset >= 23"),
+    ({"attention": "fused", "exporter": "dynamo"}, "traced by the torchscript exporter"),
 ])
 def test_config_validation(options, match):
     with pytest.raises(UserInputError, match=match):
@@ -311,6 +328,37 @@ def test_config_round_trip():
     config = OnnxExportConfig(dtype="float16", opset=17, external_data=True, atol=1e-3)
     assert OnnxExportConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert config.tolerance.rtol == 2e-2
+    assert OnnxExportConfig().opset == 18 and OnnxExportConfig(attention="fused").opset == 23
+
+
+def test_parity_compares_only_positions_that_are_read():
+    """A padded position's outputs are a convention (eager: uniform average over masked keys; ONNX Attention:
+    zeros), so the gate skips them; any difference at a real position still fails."""
+    mask = np.array([[0, 0, 1, 1], [1, 1, 1, 1]])
+    rng = np.random.default_rng(0)
+    reference = {"logits": rng.standard_normal((2, 4, 5)), "present.0.key": rng.standard_normal((2, 3, 4, 2))}
+    padded_only = {name: value.copy() for name, value in reference.items()}
+    padded_only["logits"][0, :2] += 1.0
+    padded_only["present.0.key"][0, :, 1] += 1.0
+    cases = [("left_padding", {"input_ids": np.zeros((2, 4), dtype=np.int64), "attention_mask": mask})]
+    report = check_parity(lambda _: reference, lambda _: padded_only, cases, Tolerance(atol=1e-6))
+    assert report["passed"] and report["max_abs_diff"] == 0.0
+    for name, index in (("logits", (0, 2)), ("present.0.key", (0, 1, 3))):
+        real = {key: value.copy() for key, value in padded_only.items()}
+        real[name][index] += 1.0
+        with pytest.raises(ParityError, match=f"left_padding/{name}"):
+            check_parity(lambda _: reference, lambda _, r=real: r, cases, Tolerance(atol=1e-6))
+
+
+def test_eager_and_fused_graphs_differ_only_at_padded_positions(export_of):
+    """Why the gate skips padded positions: ONNX Attention zeroes a query that sees only masked keys."""
+    (_, eager, _), (_, fused, _) = export_of("llama-dense"), export_of("llama-dense-fused")
+    ids = np.random.default_rng(2).integers(0, 96, (2, 6))
+    mask = np.ones_like(ids)
+    mask[0, :3] = 0
+    outputs = [OrtCausalLM(d).forward(ids, mask, _positions(mask, 0))[0] for d in (eager, fused)]
+    diff = np.abs(outputs[0] - outputs[1]).max(axis=-1)
+    assert diff[mask == 1].max() <= FP32_LIMIT and diff[mask == 0].min() > 1e-3
 
 
 def test_output_directory_must_be_empty(tmp_path):
@@ -336,10 +384,12 @@ def test_dynamo_exporter(tmp_path):
 
 
 # -- CLI and imports ---------------------------------------------------------------------------------------------
-def test_cli_export_then_eval_and_generate(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
+@pytest.mark.parametrize("attention", ["eager", "fused"])
+def test_cli_export_then_eval_and_generate(tiny_llama_dir, tiny_text_file, tmp_path, capsys, attention):
     out = tmp_path / "onnx"
-    assert main(["export", "onnx", str(tiny_llama_dir), "-o", str(out)]) == 0
-    assert "parity vs PyTorch" in capsys.readouterr().out
+    assert main(["export", "onnx", str(tiny_llama_dir), "-o", str(out), "--attention", attention]) == 0
+    printed = capsys.readouterr().out
+    assert "parity vs PyTorch" in printed and f"{attention} attention" in printed
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["source"]["kind"] == "local" and manifest["source"]["sha256"]
     eval_args = ["--data", str(tiny_text_file), "--seqlen", "16", "--json"]

@@ -19,6 +19,7 @@ from slice2deploy.utils import UserInputError
 pytest.importorskip("onnxruntime")
 pytest.importorskip("matplotlib")
 
+from exporters.ort import MANIFEST_FILE  # noqa: E402
 from exporters.quantize import QUANT_MANIFEST  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -114,8 +115,9 @@ def test_uniform_refit_recipe_builds_a_standard_sliced_model(pipeline_run, tiny_
 
 
 def test_gptq_int4_recipe_on_the_incoherent_slice(tiny_llama_dir, tiny_text_file, tmp_path):
+    """The shipped CPU recipe's settings: incoherence, fused-attention export, GPTQ INT4."""
     recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tiny_llama_dir, tiny_text_file, **{
-        "slice.incoherence": True, "bench.backends": {"onnxruntime": ["fp32", "int4"]},
+        "slice.incoherence": True, "bench.backends": {"onnxruntime": ["fp32", "int4"]}, "export.attention": "fused",
         "quantize": {"block_size": 16, "modes": {"int4": {"method": "gptq", "gptq_samples": 4, "gptq_seqlen": 32}},
                      "calib_samples": 2}}))
     statuses = {s.key: s.status for s in run_pipeline(recipe, tmp_path / "out", progress=False, log=False,
@@ -124,6 +126,8 @@ def test_gptq_int4_recipe_on_the_incoherent_slice(tiny_llama_dir, tiny_text_file
     manifest = json.loads((tmp_path / "out" / "quantize-sliced-0.25-int4" / "onnx" / QUANT_MANIFEST).read_text())
     assert manifest["config"]["method"] == "gptq" and manifest["config"]["gptq_seqlen"] == 32
     assert manifest["logits_snr_db"] >= manifest["snr_floor_db"]
+    export = json.loads((tmp_path / "out" / "export-sliced-0.25-float32" / "onnx" / MANIFEST_FILE).read_text())
+    assert export["export_config"]["attention"] == "fused" and export["fused_attention_nodes"] > 0
 
 
 def _writer(name: str, text: str, fail: bool = False):
@@ -159,6 +163,7 @@ def test_shipped_cpu_recipe_is_valid():
     recipe = load_recipe(RECIPES / "smollm2-cpu.yaml")
     assert recipe.model == "smollm2-135m" and recipe.profile.name == "cpu-quick" and recipe.device == "cpu"
     assert recipe.backends == {"pytorch": ["fp32"], "onnxruntime": ["fp32", "int8-dynamic", "int4"]}
+    assert recipe.export == {"opset": None, "exporter": "torchscript", "attention": "fused"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
@@ -188,6 +193,7 @@ BAD_RECIPES = [
     ({"slice.refit": True}, r"section 'slice': refit is a uniform-mode option"),
     ({"slice.mode": "layerwise"}, r"section 'slice': mode must be 'per-layer' or 'uniform'"),
     ({"slice.mode": "uniform", "slice.refit": 0}, r"section 'slice': refit ridge must be > 0"),
+    ({"export.attention": "flash"}, r"recipe key 'export.attention' must be eager or fused"),
 ]
 
 

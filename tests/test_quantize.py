@@ -62,6 +62,8 @@ def test_int8_modes(dense_onnx, tiny_text_file, tmp_path, mode):
     assert json.loads((tmp_path / mode / QUANT_MANIFEST).read_text())["config"]["mode"] == mode
     assert (tmp_path / mode / "tokenizer.json").exists() and (tmp_path / mode / "config.json").exists()
     ops = _op_types(tmp_path / mode)
+    graph = onnx.load(str(tmp_path / mode / "model.onnx")).graph
+    assert {n.domain for n in graph.node if n.op_type == "QuantizeLinear"} <= {""}  # opset 18: standard Q/DQ
     assert ("MatMulInteger" in ops or "DynamicQuantizeLinear" in ops) if mode == "int8-dynamic" else \
         ("QuantizeLinear" in ops)
     graph = onnx.load(str(tmp_path / mode / "model.onnx")).graph
@@ -69,6 +71,29 @@ def test_int8_modes(dense_onnx, tiny_text_file, tmp_path, mode):
     for node in graph.node:  # attention-score MatMuls (two activations) must stay float
         if node.op_type == "MatMul" and "self_attn/MatMul" in node.name:
             assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in node.input)
+
+
+@pytest.fixture(scope="module")
+def fused_onnx(tmp_path_factory):
+    """The tiny Llama with attention as ONNX Attention nodes (opset 23)."""
+    out = tmp_path_factory.mktemp("q") / "fused"
+    export_onnx(tiny_model("llama"), tiny_tokenizer(), out, OnnxExportConfig(attention="fused"))
+    return out
+
+
+@pytest.mark.parametrize(("mode", "options"), [
+    ("int8-dynamic", {}), ("int8-static", {}), ("int8-static", {"static_format": "qoperator"}),
+    ("int4", {"method": "gptq", "block_size": 16})])
+def test_every_mode_on_a_fused_attention_graph(fused_onnx, tiny_text_file, tmp_path, mode, options):
+    """Every mode loads and keeps its floor on the opset-23 graph. QDQ there uses com.microsoft Q/DQ: with the
+    standard (opset 21+) ones ONNX Runtime's QDQ propagation + S8->U8 passes produce a graph it refuses to load."""
+    manifest = quantize_onnx(fused_onnx, tmp_path / "q", _config(tiny_text_file, mode=mode, **options))
+    assert manifest["quantized_matmuls"] == 14 and manifest["logits_snr_db"] >= manifest["snr_floor_db"]
+    graph = onnx.load(str(tmp_path / "q" / "model.onnx")).graph
+    assert sum(node.op_type == "Attention" for node in graph.node) == 2
+    quantizers = {node.domain or "ai.onnx" for node in graph.node if node.op_type == "QuantizeLinear"}
+    if mode == "int8-static" and not options:
+        assert quantizers == {"com.microsoft"}
 
 
 @pytest.mark.parametrize("method", ["rtn", "hqq", "gptq"])

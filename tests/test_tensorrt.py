@@ -239,6 +239,10 @@ def test_bad_sources_and_the_quality_floor_write_nothing(dense_onnx, trt_ready, 
         make_trt_ready(trt_ready("int8")[1], tmp_path / "o", _config(tiny_text_file))
     with pytest.raises(UserInputError, match="differ from the input"):
         make_trt_ready(dense_onnx, dense_onnx, _config(tiny_text_file))
+    fused = tmp_path / "fused"
+    export_onnx(tiny_model("llama"), tiny_tokenizer(), fused, OnnxExportConfig(attention="fused"))
+    with pytest.raises(UserInputError, match="export with --attention eager for TensorRT"):
+        make_trt_ready(fused, tmp_path / "o", _config(tiny_text_file))
     assert not (tmp_path / "o").exists()
 
 

@@ -15,7 +15,7 @@ SECTIONS: dict[str, dict[str, Any]] = {  # section -> its keys and defaults
               "calibration": None},
     "calibration": {"source": "builtin", "samples": 128, "seqlen": 512, "seed": 0},
     "eval": {"data": "builtin", "seqlen": 512, "batch_size": 4, "max_tokens": None},
-    "export": {"opset": 18, "exporter": "torchscript"},
+    "export": {"opset": None, "exporter": "torchscript", "attention": "eager"},  # opset None: 18 (fused: 23)
     "quantize": {"block_size": 32, "method": "rtn", "keep_float": [], "weight_int8": [], "embedding_dtype": None,
                  "accuracy_level": None, "shortcuts": "weight-int8", "calib_samples": 8, "snr_floor_db": None,
                  "gptq_samples": 32, "gptq_seqlen": 512, "static_format": "qdq",
@@ -241,6 +241,12 @@ def _check_combinations(recipe: Recipe) -> None:
         raise UserInputError(f"recipe key 'slice.round_to': {recipe.slice['round_to']} is not a multiple of "
                              f"quantize.block_size {block}, so INT4 cannot quantize the sliced widths; set "
                              f"slice.round_to: {block}")
+    attention = recipe.export["attention"]
+    if attention not in ("eager", "fused"):
+        raise UserInputError(f"recipe key 'export.attention' must be eager or fused, got {attention!r}")
+    if attention == "fused" and "tensorrt" in recipe.backends:
+        raise UserInputError("recipe key 'export.attention': fused ONNX Attention is for ONNX Runtime; the TensorRT "
+                             "backend builds from eager exports (set export.attention: eager)")
     if recipe.eval["max_tokens"] is not None and recipe.eval["max_tokens"] < 2:
         raise UserInputError(f"recipe key 'eval.max_tokens' must be >= 2 or null, got {recipe.eval['max_tokens']}")
 

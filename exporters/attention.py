@@ -1,0 +1,123 @@
+"""Fused attention for ONNX export: one standard ONNX ``Attention`` node (opset 23) per layer.
+
+The eager export spells attention out as ~20 nodes per layer (repeat of the KV heads with Expand/Reshape,
+QKᵀ, scale, mask Add, Softmax, AV, Transposes). On ONNX Runtime CPU those small ops cost as much as a quarter of a
+SmolLM2 prefill and, unlike the projections, they do not shrink when the residual stream is sliced. ONNX
+``Attention`` takes grouped KV heads natively, so one kernel call replaces them.
+
+How it is traced. transformers routes every attention call through ``ALL_ATTENTION_FUNCTIONS[impl]``; we register
+:data:`IMPLEMENTATION` there (with the eager mask builder, so the mask is the additive ``(batch, 1, sequence,
+total_sequence)`` float tensor eager attention gets). During an ONNX export our function calls a
+``torch.autograd.Function`` whose ``symbolic`` emits a placeholder ``slice2deploy::Attention`` node (the TorchScript
+exporter stops at opset 20, where ``Attention`` does not exist yet); :func:`promote_to_onnx_attention` then converts
+the graph to opset 23 and turns each placeholder into the standard op. Outside an export the same function computes
+eager attention, so the PyTorch reference of the parity gate is the eager math, byte for byte the same formula.
+
+Rotary embeddings, the KV-cache concatenation and the mask construction stay ordinary graph ops: the node receives
+rotated Q/K, the full (past + new) K/V, and the additive mask, exactly what eager attention receives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from slice2deploy.utils import UserInputError
+
+IMPLEMENTATION = "slice2deploy_onnx_attention"
+PLACEHOLDER_DOMAIN = "slice2deploy"
+ONNX_ATTENTION_OPSET = 23  # first opset with the standard Attention op
+
+
+def _eager_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """softmax(Q Kᵀ · scale + mask) V with KV heads shared by groups of query heads; (batch, heads, seq, head_dim)."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scale
+    if mask is not None:
+        scores = scores + mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, value)
+
+
+class _OnnxAttention(torch.autograd.Function):
+    """Eager attention when run; one ``slice2deploy::Attention`` node when traced by the TorchScript exporter."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, scale: float):  # noqa: ARG004 (autograd's signature)
+        return _eager_attention(query, key, value, mask, scale)
+
+    @staticmethod
+    def symbolic(g, query, key, value, mask, scale: float):
+        inputs = [query, key, value] if mask is None or mask.node().mustBeNone() else [query, key, value, mask]
+        output = g.op(f"{PLACEHOLDER_DOMAIN}::Attention", *inputs, scale_f=scale)
+        output.setType(query.type())  # (batch, heads, sequence, head_dim), like the query
+        return output
+
+
+def _attention_function(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                        **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature; returns (batch, sequence, heads, head_dim) like eager."""
+    unsupported = [name for name in ("softcap", "s_aux", "sinks") if kwargs.get(name) is not None]
+    if unsupported:
+        raise UserInputError(f"fused ONNX attention does not implement {', '.join(unsupported)}; "
+                             "export with attention='eager'")
+    if dropout and module.training:
+        raise UserInputError("fused ONNX attention is for inference; put the model in eval mode")
+    scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if torch.onnx.is_in_onnx_export():
+        output = _OnnxAttention.apply(query, key, value, attention_mask, scale)
+    else:
+        output = _eager_attention(query, key, value, attention_mask, scale)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Make :data:`IMPLEMENTATION` a transformers attention implementation (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(IMPLEMENTATION, _attention_function)
+    AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)
+
+
+@contextlib.contextmanager
+def attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
+    """Run ``model`` with attention implementation ``name`` (``"eager"`` or :data:`IMPLEMENTATION`), then restore."""
+    if name == IMPLEMENTATION:
+        register()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def promote_to_onnx_attention(model, opset: int) -> int:
+    """Convert ``model`` (an onnx ModelProto traced at opset <= 20) to ``opset`` >= 23 and turn every placeholder
+    into the standard ``Attention`` op; return how many there were. The model is changed in place."""
+    from onnx import helper, version_converter
+
+    if opset < ONNX_ATTENTION_OPSET:
+        raise UserInputError(f"fused attention needs opset >= {ONNX_ATTENTION_OPSET}, got {opset}")
+    converted = version_converter.convert_version(model, opset)  # placeholders in their own domain pass through
+    model.CopyFrom(converted)
+    fused = 0
+    for node in model.graph.node:
+        if node.domain == PLACEHOLDER_DOMAIN and node.op_type == "Attention":
+            node.domain = ""
+            fused += 1
+    leftover = [f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain == PLACEHOLDER_DOMAIN]
+    if leftover:
+        raise RuntimeError(f"unexpected placeholder nodes in the traced graph: {sorted(set(leftover))}")
+    imports = [o for o in model.opset_import if o.domain != PLACEHOLDER_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(imports or [helper.make_opsetid("", opset)])
+    return fused
