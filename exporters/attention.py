@@ -30,6 +30,7 @@ from slice2deploy.utils import UserInputError
 IMPLEMENTATION = "slice2deploy_onnx_attention"
 PLACEHOLDER_DOMAIN = "slice2deploy"
 ONNX_ATTENTION_OPSET = 23  # first opset with the standard Attention op
+ORT_ATTENTION_VERSION = (1, 23)  # ONNX Runtime's CPU kernel for it (onnxruntime#25156); the parity gate checks GQA
 
 
 def _eager_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
@@ -100,15 +101,41 @@ def attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
         model.set_attn_implementation(previous)
 
 
+def require_support() -> None:
+    """Fail early, with the upgrade to make, when onnx or ONNX Runtime predates the Attention op."""
+    import onnx
+    import onnxruntime
+
+    runtime = tuple(int(part) for part in onnxruntime.__version__.split(".")[:2])
+    if onnx.defs.onnx_opset_version() < ONNX_ATTENTION_OPSET or runtime < ORT_ATTENTION_VERSION:
+        raise UserInputError(f"attention=fused writes ONNX Attention (opset {ONNX_ATTENTION_OPSET}): it needs onnx >= "
+                             f"1.18 and onnxruntime >= {'.'.join(map(str, ORT_ATTENTION_VERSION))} (installed: onnx "
+                             f"{onnx.__version__}, onnxruntime {onnxruntime.__version__}); upgrade them or export "
+                             "with attention=eager")
+
+
 def promote_to_onnx_attention(model, opset: int) -> int:
     """Convert ``model`` (an onnx ModelProto traced at opset <= 20) to ``opset`` >= 23 and turn every placeholder
     into the standard ``Attention`` op; return how many there were. The model is changed in place."""
+    import onnx
     from onnx import helper, version_converter
 
     if opset < ONNX_ATTENTION_OPSET:
         raise UserInputError(f"fused attention needs opset >= {ONNX_ATTENTION_OPSET}, got {opset}")
-    converted = version_converter.convert_version(model, opset)  # placeholders in their own domain pass through
-    model.CopyFrom(converted)
+    # The converter serializes the whole model it is given (protobuf's 2 GiB limit, a copy of every weight), so it
+    # gets the graph without initializers; from opset 20 to 23 no op of these graphs reads a constant to convert.
+    # (each initializer is declared as a graph input of the skeleton instead: the converter wants every name defined).
+    skeleton = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import)
+    for field in ("node", "input", "output", "value_info"):
+        getattr(skeleton.graph, field).extend(getattr(model.graph, field))
+    skeleton.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                                for t in model.graph.initializer)
+    converted = version_converter.convert_version(skeleton, opset)  # placeholders in their own domain pass through
+    for field in ("node", "value_info"):
+        model.graph.ClearField(field)
+        getattr(model.graph, field).extend(getattr(converted.graph, field))
+    del model.opset_import[:]
+    model.opset_import.extend(converted.opset_import)
     fused = 0
     for node in model.graph.node:
         if node.domain == PLACEHOLDER_DOMAIN and node.op_type == "Attention":

@@ -402,6 +402,8 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: str | Path, config: OnnxEx
     manifest. Raises :class:`~exporters.parity.ParityError` (and writes nothing) when ONNX Runtime disagrees."""
     require_onnx()
     config = config or OnnxExportConfig()
+    if config.attention is AttentionKind.FUSED:
+        fused_attention.require_support()
     check_output_dir(out_dir, overwrite)
     started = time.perf_counter()
     model = _model_in_dtype(model, config.dtype.torch)
@@ -429,7 +431,9 @@ def export_pretrained(spec: str, out_dir: str | Path, config: OnnxExportConfig |
     from slice2deploy.api import load
 
     config = config or OnnxExportConfig()
-    check_output_dir(out_dir, overwrite)  # fail before loading
+    if config.attention is AttentionKind.FUSED:
+        fused_attention.require_support()  # fail before loading
+    check_output_dir(out_dir, overwrite)
     model, tokenizer, resolved = load(spec, config.dtype.value, "cpu", trust_remote_code)
     source = {"spec": spec, "kind": resolved.kind, "path": resolved.path, "gguf_file": resolved.gguf_file,
               "sha256": resolved.sha256}

@@ -350,6 +350,15 @@ def test_parity_compares_only_positions_that_are_read():
             check_parity(lambda _: reference, lambda _, r=real: r, cases, Tolerance(atol=1e-6))
 
 
+def test_fused_attention_refuses_an_old_runtime(monkeypatch, tmp_path):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "__version__", "1.22.1")
+    with pytest.raises(UserInputError, match=r"onnxruntime >= 1.23 \(installed: onnx .*, onnxruntime 1.22.1\)"):
+        export_onnx(_model("llama-dense"), None, tmp_path / "o", OnnxExportConfig(attention="fused"))
+    assert not (tmp_path / "o").exists()
+
+
 def test_eager_and_fused_graphs_differ_only_at_padded_positions(export_of):
     """Why the gate skips padded positions: ONNX Attention zeroes a query that sees only masked keys."""
     (_, eager, _), (_, fused, _) = export_of("llama-dense"), export_of("llama-dense-fused")
