@@ -196,11 +196,12 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(exported):
     assert np.array_equal(runner.generate(prompt, 8, do_sample=True, top_k=1, seed=3), greedy)
 
 
-@pytest.mark.parametrize("variant", ["llama-sliced", "opt-dense"])
+@pytest.mark.parametrize("variant", ["llama-sliced", "opt-dense", "llama-sliced-fused"])
 def test_last_logits_generation_graph(export_of, variant, tmp_path):
     model, full_dir, _ = export_of(variant)
     out = tmp_path / "last"
-    manifest = export_onnx(model, tiny_tokenizer(), out, OnnxExportConfig(last_logits=True))
+    attention = "fused" if variant.endswith("-fused") else "eager"
+    manifest = export_onnx(model, tiny_tokenizer(), out, OnnxExportConfig(last_logits=True, attention=attention))
     assert manifest["parity"]["max_abs_diff"] <= FP32_LIMIT
     full, last = OrtCausalLM(full_dir), OrtCausalLM(out)
     assert last.last_logits_only and not full.last_logits_only
