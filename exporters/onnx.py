@@ -14,8 +14,8 @@ and fp16, on the three parity shapes (prefill with past 0, decode, left padding)
 Both are traced with the *eager* attention implementation (or, with ``attention="fused"``, one ONNX ``Attention`` node
 per layer: see exporters/attention.py; TorchScript only). With SDPA, the TorchScript exporter's symbolic
 builds its mask in float32 and float16 OPT graphs fail to load (LayerNormalization bound to float and float16),
-and the torch.export graph differs from PyTorch at left-padded positions (values nobody reads, but the parity
-gate compares every position).
+and the torch.export graph differs from PyTorch at left-padded positions (values nobody reads, which the parity
+gate now skips: see exporters/parity.py).
 """
 
 from __future__ import annotations
