@@ -102,7 +102,6 @@ def rotary(heads: int, kv_heads: int, head_dim: int, tokens: int, fused: bool, r
     if fused:
         feeds.update(cos=np.cos(angles), sin=np.sin(angles))
         nodes = [helper.make_node("RotaryEmbedding", [x, "cos", "sin"], [f"{x}_out"]) for x in ("q", "k")]
-        width = half
     else:
         feeds.update(cos=np.concatenate([np.cos(angles)] * 2, -1)[:, None], sin=np.concatenate([np.sin(angles)] * 2,
                                                                                                 -1)[:, None])
@@ -116,14 +115,11 @@ def rotary(heads: int, kv_heads: int, head_dim: int, tokens: int, fused: bool, r
                       helper.make_node("Mul", [x, "cos"], [f"{x}c"]), helper.make_node("Mul", [f"{x}r", "sin"],
                                                                                        [f"{x}s"]),
                       helper.make_node("Add", [f"{x}c", f"{x}s"], [f"{x}_out"])]
-        width = head_dim
-    inputs = [_input("q", feeds["q"].shape), _input("k", feeds["k"].shape),
-              _input("cos", (1, 1, tokens, width) if not fused else (1, tokens, half)),
-              _input("sin", (1, 1, tokens, width) if not fused else (1, tokens, half))]
+    inputs = [_input(name, value.shape) for name, value in feeds.items()]
     return _session(nodes, inputs, ["q_out", "k_out"], constants), feeds
 
 
-def _layer(width: int, hidden: int, heads_width: int, kv_width: int, intermediate: int) -> list[tuple[int, int]]:
+def _layer(width: int, heads_width: int, kv_width: int, intermediate: int) -> list[tuple[int, int]]:
     return [(width, heads_width), (width, kv_width), (width, kv_width), (heads_width, width),
             (width, intermediate), (width, intermediate), (intermediate, width)]
 
@@ -146,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     heads_width, kv_width = args.heads * args.head_dim, args.kv_heads * args.head_dim
     parts = {}
     for width in (args.hidden, args.kept):
-        parts[f"layer GEMMs, d={width}"] = gemms(_layer(width, args.hidden, heads_width, kv_width,
-                                                        args.intermediate), args.tokens, rng)
+        parts[f"layer GEMMs, d={width}"] = gemms(_layer(width, heads_width, kv_width, args.intermediate),
+                                                 args.tokens, rng)
         parts[f"head GEMM, d={width}"] = gemms([(width, args.vocab)], args.tokens, rng)
     chunk_counts = (1, 2, 4)
     for chunks in chunk_counts:  # the same seed: every variant gets the same Q, K, V

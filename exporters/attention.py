@@ -146,5 +146,5 @@ def promote_to_onnx_attention(model, opset: int) -> int:
         raise RuntimeError(f"unexpected placeholder nodes in the traced graph: {sorted(set(leftover))}")
     imports = [o for o in model.opset_import if o.domain != PLACEHOLDER_DOMAIN]
     del model.opset_import[:]
-    model.opset_import.extend(imports or [helper.make_opsetid("", opset)])
+    model.opset_import.extend(imports)
     return fused

@@ -269,15 +269,12 @@ class _Reader:
 QDQ_OUTPUT_DTYPE_OPSET = 21  # QuantizeLinear gains its output_dtype attribute
 
 
-def _opset(path: Path) -> int:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
+def _default_opset(model) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _quantize_int8(source: Path, target: Path, nodes: list[str], config: QuantConfig,
-                   runner: OrtCausalLM, samples: list[np.ndarray]) -> None:
+                   runner: OrtCausalLM, samples: list[np.ndarray], opset: int) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     common = {"per_channel": True, "weight_type": QuantType.QInt8, "nodes_to_quantize": nodes,
@@ -293,7 +290,7 @@ def _quantize_int8(source: Path, target: Path, nodes: list[str], config: QuantCo
                                 # ORT's QDQ propagation stamps output_dtype=int8 on the Q nodes it moves, then its
                                 # S8->U8 pass makes their zero points uint8: opset >= 21 graphs then fail to load
                                 # (onnxruntime#25526). com.microsoft Q/DQ (same kernels) have no output_dtype.
-                                "UseQDQContribOps": qdq and _opset(source) >= QDQ_OUTPUT_DTYPE_OPSET}}
+                                "UseQDQContribOps": qdq and opset >= QDQ_OUTPUT_DTYPE_OPSET}}
     quantize_static(source, target, _Reader(runner, samples), **static, **common)
 
 
@@ -395,12 +392,13 @@ def quantize_onnx(source_dir: str | Path, out_dir: str | Path, config: QuantConf
     if Path(out_dir).expanduser().resolve() == source.resolve():
         raise UserInputError("the output directory must differ from the input (inputs are never modified)")
     reference = OrtCausalLM(source)
-    matmuls = weight_matmuls(onnx.load(str(model_path), load_external_data=False))
+    graph = onnx.load(str(model_path), load_external_data=False)
+    matmuls = weight_matmuls(graph)
     full = quant_plan(matmuls, config)
     samples = _calibration_inputs(reference, config)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         _copy_side_files(source, tmp)
-        _run_passes(model_path, tmp, full, config, reference, samples)
+        _run_passes(model_path, tmp, full, config, reference, samples, _default_opset(graph))
         embedding = None if not config.embedding_dtype else _embedding_name(tmp / MODEL_FILE)
         snr = logits_snr_db(reference, OrtCausalLM(tmp), samples)
         if snr < config.floor:
@@ -416,7 +414,7 @@ def quantize_onnx(source_dir: str | Path, out_dir: str | Path, config: QuantConf
 
 
 def _run_passes(model_path: Path, out: Path, full: QuantPlan, config: QuantConfig, reference: OrtCausalLM,
-                samples: list[np.ndarray]) -> None:
+                samples: list[np.ndarray], opset: int) -> None:
     """The mode's quantizer, then 8-bit weight-only blocks, then the float16 embedding: each pass reads the
     previous graph and writes a new one in ``out``; the last becomes ``model.onnx``, intermediates are deleted."""
     passes = []
@@ -427,7 +425,7 @@ def _run_passes(model_path: Path, out: Path, full: QuantPlan, config: QuantConfi
         elif config.mode == QuantMode.INT4:
             passes.append(lambda src, dst: _quantize_nbits(src, dst, nodes, config, bits=4))
         else:
-            passes.append(lambda src, dst: _quantize_int8(src, dst, nodes, config, reference, samples))
+            passes.append(lambda src, dst: _quantize_int8(src, dst, nodes, config, reference, samples, opset))
     if full.weight_int8:
         nodes8 = [mm.node for mm in full.weight_int8]
         passes.append(lambda src, dst: _quantize_nbits(src, dst, nodes8, config, bits=8))
