@@ -102,6 +102,9 @@ class OnnxExportConfig:
     # a generation graph: logits of the last position only (batch, 1, vocab). Prefill then skips the head's GEMM
     # and the logits tensor for every other prompt position; perplexity needs every position and is refused.
     last_logits: bool = False
+    # fused only: each Attention node split into this many causal query blocks (exporters/attention.py); None: 4
+    # with fused attention, 1 (no split) with eager
+    attention_chunks: int | None = None
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -118,7 +121,16 @@ class OnnxExportConfig:
             if self.opset < fused_attention.ONNX_ATTENTION_OPSET:
                 raise UserInputError(f"attention=fused writes ONNX Attention, which needs opset >= "
                                      f"{fused_attention.ONNX_ATTENTION_OPSET}; got {self.opset}")
-        elif self.exporter is Exporter.TORCHSCRIPT and self.opset > TORCHSCRIPT_MAX_OPSET:
+        if self.attention_chunks is None:
+            fused = self.attention is AttentionKind.FUSED
+            self.attention_chunks = fused_attention.DEFAULT_CHUNKS if fused else 1
+        if isinstance(self.attention_chunks, bool) or not isinstance(self.attention_chunks, int) \
+                or self.attention_chunks < 1:
+            raise UserInputError(f"attention_chunks must be an integer >= 1, got {self.attention_chunks!r}")
+        if self.attention_chunks > 1 and self.attention is not AttentionKind.FUSED:
+            raise UserInputError("attention_chunks > 1 splits ONNX Attention nodes: it needs attention=fused")
+        if self.attention is not AttentionKind.FUSED and self.exporter is Exporter.TORCHSCRIPT \
+                and self.opset > TORCHSCRIPT_MAX_OPSET:
             raise UserInputError(f"the torchscript exporter supports opset {MIN_OPSET}..{TORCHSCRIPT_MAX_OPSET}, "
                                  f"got {self.opset}; use exporter=dynamo for newer opsets")
         if self.exporter is Exporter.DYNAMO and self.opset < DYNAMO_MIN_OPSET:
@@ -307,6 +319,8 @@ def _finalize_graph(scratch: Path, target: Path, external_data: bool, config: On
                                  "layers (this model's attention does not go through transformers' attention "
                                  "functions); export with attention=eager")
         rewritten["fused_attention_nodes"] = fused
+        rewritten["causal_chunked_attention_nodes"] = fused_attention.chunk_causal_attention(
+            model.graph, config.attention_chunks)
     if config.last_logits:
         logits = next(output for output in model.graph.output if output.name == "logits")
         logits.type.tensor_type.shape.dim[1].Clear()
@@ -346,8 +360,9 @@ def _torch_runner(flat: FlatCacheCausalLM) -> Runner:
     return run
 
 
-def _check_parity(flat: FlatCacheCausalLM, directory: Path, tolerance: Tolerance) -> dict:
-    """PyTorch (``flat``) vs ONNX Runtime CPU (``directory``) on the parity cases; raises ParityError."""
+def _check_parity(flat: FlatCacheCausalLM, directory: Path, tolerance: Tolerance, long_step: int = 0) -> dict:
+    """PyTorch (``flat``) vs ONNX Runtime CPU (``directory``) on the parity cases (``long_step``: a step of that many
+    tokens too); raises ParityError."""
     reference = _torch_runner(flat)
     names = io_names(flat.num_layers)[0][3:]
     empty = dict(zip(names, (p.cpu().numpy() for p in _empty_past(flat, 1)), strict=True))
@@ -355,7 +370,7 @@ def _check_parity(flat: FlatCacheCausalLM, directory: Path, tolerance: Tolerance
     def empty_past(batch: int) -> dict[str, np.ndarray]:
         return {name: np.repeat(value, batch, axis=0) for name, value in empty.items()}
 
-    cases = parity_cases(flat.model.config.vocab_size, empty_past, reference)
+    cases = parity_cases(flat.model.config.vocab_size, empty_past, reference, long_step=long_step)
     return check_parity(reference, OrtCausalLM(directory, provider="cpu").run_named, cases, tolerance)
 
 
@@ -417,7 +432,9 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: str | Path, config: OnnxEx
         rewritten = _write_graph(flat, config, tmp, external)
         exported = time.perf_counter()
         with fused_attention.attention_implementation(model, "eager"):
-            parity = _check_parity(flat, tmp, config.tolerance)
+            chunked = config.attention_chunks > 1  # a step long enough for the causal blocks to run
+            parity = _check_parity(flat, tmp, config.tolerance,
+                                   config.attention_chunks * fused_attention.CHUNK_MIN_QUERIES if chunked else 0)
         _write_side_files(model, tokenizer, tmp)
         seconds = {"export": round(exported - started, 2), "parity": round(time.perf_counter() - exported, 2)}
         manifest = _manifest(tmp, config, source, flat.num_layers, external, rewritten, parity, seconds)

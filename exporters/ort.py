@@ -233,8 +233,8 @@ class OrtCausalLM:
             # The outputs stay in the buffers ONNX Runtime wrote them to, seen as numpy arrays through DLPack (via
             # torch: numpy's own import is read-only). `session.run` copies them instead: for a 512-token SmolLM2
             # prefill that is a fresh 100 MB logits array, ~35 ms of an ~800 ms call.
-            values = {name: value if isinstance(value, ort.OrtValue)
-                      else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for name, value in feeds.items()}
+            values = {name: value if isinstance(value, ort.OrtValue) else
+                      ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for name, value in feeds.items()}
             return [torch.from_dlpack(value).numpy()
                     for value in self.session.run_with_ort_values(self.output_names, values)]
         binding = self.session.io_binding()

@@ -61,8 +61,9 @@ def _inputs(ids: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray]) -> d
 
 
 def parity_cases(vocab_size: int, empty_past: Callable[[int], dict[str, np.ndarray]],
-                 reference: Runner, seed: int = 0) -> list[tuple[str, dict[str, np.ndarray]]]:
-    """The three named input sets; the decode case's past is the reference prefill's presents."""
+                 reference: Runner, seed: int = 0, long_step: int = 0) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """The three named input sets; the decode case's past is the reference prefill's presents. With ``long_step``,
+    a fourth: that many new tokens after the same past, row 0 left-padded (what a chunked-attention graph splits)."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, vocab_size, (BATCH, PREFILL), dtype=np.int64)
     ones = np.ones((BATCH, PREFILL), dtype=np.int64)
@@ -75,7 +76,13 @@ def parity_cases(vocab_size: int, empty_past: Callable[[int], dict[str, np.ndarr
     padded_mask = ones.copy()
     padded_mask[0, :LEFT_PADDING] = 0  # row 0 is left-padded, row 1 is full
     padded = _inputs(ids, padded_mask, empty_past(BATCH))
-    return [("prefill", prefill), ("decode", decode), ("left_padding", padded)]
+    cases = [("prefill", prefill), ("decode", decode), ("left_padding", padded)]
+    if long_step:
+        long_mask = np.ones((BATCH, PREFILL + long_step), dtype=np.int64)
+        long_mask[0, :LEFT_PADDING] = 0
+        cases.append(("long_step", _inputs(rng.integers(0, vocab_size, (BATCH, long_step), dtype=np.int64),
+                                           long_mask, past)))
+    return cases
 
 
 def _describe(inputs: dict[str, np.ndarray]) -> dict:

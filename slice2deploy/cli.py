@@ -104,6 +104,9 @@ def _export_parser(sub) -> None:
     onnx.add_argument("--attention", default="eager", choices=["eager", "fused"],
                       help="eager: attention as the model's own ops (any opset, every runtime); fused: one ONNX "
                            "Attention node per layer (opset 23, ONNX Runtime >= 1.23; faster prefill on CPU)")
+    onnx.add_argument("--attention-chunks", type=int, default=None,
+                      help="fused attention: split each Attention node into N causal query blocks that skip the "
+                           "keys the mask hides, for inputs of >= 16*N tokens (same result; default 4; 1: no split)")
     onnx.add_argument("--external-data", default="auto", choices=["auto", "always", "never"],
                       help="weights in model.onnx.data: auto = above 1.5 GB (default auto)")
     onnx.add_argument("--last-logits", action="store_true",
@@ -240,7 +243,8 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
     external = {"auto": None, "always": True, "never": False}[args.external_data]
     options = {"opset": args.opset} if args.opset is not None else {}
     config = OnnxExportConfig(dtype=args.dtype, exporter=args.exporter, external_data=external,
-                              attention=args.attention, last_logits=args.last_logits, **options)
+                              attention=args.attention, last_logits=args.last_logits,
+                              attention_chunks=args.attention_chunks, **options)
     manifest = export_pretrained(args.model, args.output, config, overwrite=args.overwrite,
                                  trust_remote_code=args.trust_remote_code)
     parity = manifest["parity"]

@@ -109,8 +109,14 @@ def test_manifest_records_parity_on_every_output_and_shape(exported):
     assert recorded["parity"]["passed"] and recorded["opset"] == (23 if fused else 18)
     assert recorded["dtype"] == "float32" and recorded["export_config"]["attention"] == ("fused" if fused else "eager")
     ops = collections.Counter(node.op_type for node in graph.node)
-    if fused:  # one Attention per layer, and no attention arithmetic left around it
-        assert ops["Attention"] == recorded["fused_attention_nodes"] == num_layers
+    if fused:  # one Attention per layer (in 4 causal blocks for long inputs), no attention arithmetic around it
+        assert recorded["fused_attention_nodes"] == recorded["causal_chunked_attention_nodes"] == num_layers
+        branches = {kind: [collections.Counter(n.op_type for n in a.g.node) for node in graph.node
+                           if node.op_type == "If" for a in node.attribute if a.name == kind]
+                    for kind in ("then_branch", "else_branch")}
+        assert ops["If"] == num_layers and "Attention" not in ops
+        assert [b["Attention"] for b in branches["then_branch"]] == [4] * num_layers
+        assert branches["else_branch"] == [{"Attention": 1}] * num_layers
         assert "Softmax" not in ops and "Expand" not in {n.op_type for n in graph.node if "self_attn" in n.name}
     else:
         assert "Attention" not in ops and ops["Softmax"] == num_layers
@@ -121,7 +127,9 @@ def test_manifest_records_parity_on_every_output_and_shape(exported):
     assert recorded["parameters"] == sum(p.numel() for p in model.parameters())
     assert recorded["size_bytes"] == (out / MODEL_FILE).stat().st_size
     cases = recorded["parity"]["cases"]
-    assert set(cases) == {"prefill", "decode", "left_padding"}
+    assert set(cases) == {"prefill", "decode", "left_padding"} | ({"long_step"} if fused else set())
+    if fused:  # long enough for the causal blocks, after a past, row 0 padded
+        assert cases["long_step"]["inputs"] == {"batch": 2, "sequence": 64, "past_sequence": 8, "padded_tokens": 3}
     assert cases["prefill"]["inputs"] == {"batch": 2, "sequence": 8, "past_sequence": 0, "padded_tokens": 0}
     assert cases["decode"]["inputs"] == {"batch": 2, "sequence": 1, "past_sequence": 8, "padded_tokens": 0}
     assert cases["left_padding"]["inputs"]["padded_tokens"] > 0
@@ -319,6 +327,8 @@ def test_cuda_without_a_gpu(export_of, monkeypatch):
     ({"attention": "flash"}, "unknown attention 'flash'"),
     ({"attention": "fused", "opset": 20}, "needs opset >= 23"),
     ({"attention": "fused", "exporter": "dynamo"}, "traced by the torchscript exporter"),
+    ({"attention_chunks": 4}, "needs attention=fused"),
+    ({"attention": "fused", "attention_chunks": 0}, "attention_chunks must be an integer >= 1"),
 ])
 def test_config_validation(options, match):
     with pytest.raises(UserInputError, match=match):
@@ -330,6 +340,7 @@ def test_config_round_trip():
     assert OnnxExportConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert config.tolerance.rtol == 2e-2
     assert OnnxExportConfig().opset == 18 and OnnxExportConfig(attention="fused").opset == 23
+    assert OnnxExportConfig().attention_chunks == 1 and OnnxExportConfig(attention="fused").attention_chunks == 4
 
 
 def test_parity_compares_only_positions_that_are_read():
@@ -371,6 +382,43 @@ def test_eager_and_fused_graphs_differ_only_at_padded_positions(export_of):
     assert diff[mask == 1].max() <= FP32_LIMIT and diff[mask == 0].min() > 1e-3
 
 
+def test_causal_blocks_give_the_unsplit_result(export_of, tmp_path):
+    """Query blocks that skip hidden keys compute what one Attention node computes: long prompts (blocks), a past
+    plus a long step with padding (blocks), short steps (one node), and greedy generation through all three."""
+    model, chunked, _ = export_of("llama-dense-fused")
+    whole = tmp_path / "whole"
+    export_onnx(model, None, whole, OnnxExportConfig(attention="fused", attention_chunks=1))
+    graph = onnx.load(str(whole / MODEL_FILE), load_external_data=False).graph
+    assert "If" not in {n.op_type for n in graph.node}
+    runners = [OrtCausalLM(d) for d in (chunked, whole)]
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 96, (2, 70))
+    mask = np.ones_like(ids)
+    mask[0, :5] = 0
+    first = [r.forward(ids, mask, _positions(mask, 0)) for r in runners]
+    step = rng.integers(0, 96, (2, 67))
+    step_mask = np.concatenate([mask, np.ones_like(step)], axis=1)
+    second = [r.forward(step, step_mask, _positions(step_mask, 70), past) for r, (_, past) in zip(runners, first)]
+    real = mask == 1
+    assert np.abs(first[0][0] - first[1][0])[real].max() <= 1e-6
+    assert np.abs(second[0][0] - second[1][0]).max() <= 1e-6
+    assert max(np.abs(a - b)[:, :, -67:].max() for (a0, b0), (a1, b1) in zip(second[0][1], second[1][1])
+               for a, b in ((a0, a1), (b0, b1))) <= 1e-6
+    prompt = rng.integers(0, 96, (1, 80))
+    assert (runners[0].generate(prompt, 12) == runners[1].generate(prompt, 12)).all()
+
+
+def test_chunking_leaves_unmasked_attention_alone():
+    from onnx import TensorProto, helper
+
+    from exporters.attention import chunk_causal_attention
+
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("q", "k", "v")]
+    graph = helper.make_graph([helper.make_node("Attention", ["q", "k", "v"], ["y"])], "g", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    assert chunk_causal_attention(graph, 4) == 0 and [n.op_type for n in graph.node] == ["Attention"]
+
+
 def test_output_directory_must_be_empty(tmp_path):
     (tmp_path / "keep.txt").write_text("precious")
     with pytest.raises(UserInputError, match="not empty"):
@@ -381,7 +429,7 @@ def test_output_directory_must_be_empty(tmp_path):
 def test_fused_ops_report(exported):
     model, out, _ = exported
     report = fused_ops_report(out)
-    assert report["nodes_after"] < report["nodes_before"] and report["fused"]
+    assert report["nodes_after"] < report["nodes_before"] and report["removed"]
     if out.name == "llama-dense":  # RMSNorm -> SimplifiedLayerNormalization; sliced norms divide by d, no fusion
         assert report["fused"]["SimplifiedLayerNormalization"] == 2 * model.config.num_hidden_layers + 1
 
