@@ -11,7 +11,7 @@ import json
 import math
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from enum import Enum
 from pathlib import Path
 
@@ -76,8 +76,18 @@ def check_onnx_dir(directory: str | Path) -> Path:
     return model
 
 
+def _nodes(graph) -> Iterator:
+    """Every node of ``graph``, those of its subgraphs (If branches, loop bodies) included."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                yield from _nodes(subgraph)
+
+
 def graph_summary(model_path: str | Path) -> dict:
-    """Op-type counts, initializer elements and external data files of a graph, without loading its weights."""
+    """Op-type counts (subgraphs included), initializer elements and external data files of a graph, without
+    loading its weights."""
     import onnx
 
     try:
@@ -88,7 +98,8 @@ def graph_summary(model_path: str | Path) -> dict:
     for tensor in model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             external.update(e.value for e in tensor.external_data if e.key == "location")
-    ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}:{n.op_type}" for n in model.graph.node)
+    ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}:{n.op_type}"
+                  for n in _nodes(model.graph))
     return {
         "ops": dict(sorted(ops.items())),
         "nodes": sum(ops.values()),

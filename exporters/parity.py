@@ -63,7 +63,7 @@ def _inputs(ids: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray]) -> d
 def parity_cases(vocab_size: int, empty_past: Callable[[int], dict[str, np.ndarray]],
                  reference: Runner, seed: int = 0, long_step: int = 0) -> list[tuple[str, dict[str, np.ndarray]]]:
     """The three named input sets; the decode case's past is the reference prefill's presents. With ``long_step``,
-    a fourth: that many new tokens after the same past, row 0 left-padded (what a chunked-attention graph splits)."""
+    a fourth: that many new tokens after the left-padded case (what a chunked-attention graph splits into blocks)."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, vocab_size, (BATCH, PREFILL), dtype=np.int64)
     ones = np.ones((BATCH, PREFILL), dtype=np.int64)
@@ -77,11 +77,12 @@ def parity_cases(vocab_size: int, empty_past: Callable[[int], dict[str, np.ndarr
     padded_mask[0, :LEFT_PADDING] = 0  # row 0 is left-padded, row 1 is full
     padded = _inputs(ids, padded_mask, empty_past(BATCH))
     cases = [("prefill", prefill), ("decode", decode), ("left_padding", padded)]
-    if long_step:
-        long_mask = np.ones((BATCH, PREFILL + long_step), dtype=np.int64)
-        long_mask[0, :LEFT_PADDING] = 0
+    if long_step:  # the left-padded batch goes on: its own presents as the past, its mask extended
+        padded_past = {name.replace("present.", "past_key_values.", 1): value
+                       for name, value in reference(padded).items() if name.startswith("present.")}
+        long_mask = np.concatenate([padded_mask, np.ones((BATCH, long_step), dtype=np.int64)], axis=1)
         cases.append(("long_step", _inputs(rng.integers(0, vocab_size, (BATCH, long_step), dtype=np.int64),
-                                           long_mask, past)))
+                                           long_mask, padded_past)))
     return cases
 
 

@@ -118,8 +118,9 @@ def test_manifest_records_parity_on_every_output_and_shape(exported):
         assert [b["Attention"] for b in branches["then_branch"]] == [4] * num_layers
         assert branches["else_branch"] == [{"Attention": 1}] * num_layers
         assert "Softmax" not in ops and "Expand" not in {n.op_type for n in graph.node if "self_attn" in n.name}
+        assert ops["RotaryEmbedding"] == (2 * num_layers if out.name.startswith("llama") else 0)  # q and k
     else:
-        assert "Attention" not in ops and ops["Softmax"] == num_layers
+        assert "Attention" not in ops and "RotaryEmbedding" not in ops and ops["Softmax"] == num_layers
     assert recorded["parity"]["tolerance"] == {"atol": 1e-4, "rtol": 1e-4}
     assert recorded["source"] == {"spec": out.name} and recorded["versions"]["onnxruntime"]
     assert recorded["io"]["inputs"] == inputs and recorded["files_sha256"][MODEL_FILE]
@@ -406,6 +407,25 @@ def test_causal_blocks_give_the_unsplit_result(export_of, tmp_path):
                for a, b in ((a0, a1), (b0, b1))) <= 1e-6
     prompt = rng.integers(0, 96, (1, 80))
     assert (runners[0].generate(prompt, 12) == runners[1].generate(prompt, 12)).all()
+
+
+def test_fused_rotary_patches_only_llamas_rotary_and_restores_it():
+    from transformers.models.llama import modeling_llama
+    from transformers.models.opt import modeling_opt
+
+    from exporters.attention import fused_rotary
+
+    original = modeling_llama.apply_rotary_pos_emb
+    with fused_rotary(_model("llama-sliced")) as patched:
+        assert patched == 1 and modeling_llama.apply_rotary_pos_emb is not original
+        q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8)
+        cos, sin = torch.randn(2, 5, 4).repeat(1, 1, 2), torch.randn(2, 5, 4).repeat(1, 1, 2)
+        for got, expected in zip(modeling_llama.apply_rotary_pos_emb(q, k, cos, sin),  # outside an export: eager
+                                 original(q, k, cos, sin), strict=True):
+            assert torch.equal(got, expected)
+    assert modeling_llama.apply_rotary_pos_emb is original
+    with fused_rotary(_model("opt-dense")) as patched:
+        assert patched == 0 and not hasattr(modeling_opt, "apply_rotary_pos_emb")
 
 
 def test_chunking_leaves_unmasked_attention_alone():
