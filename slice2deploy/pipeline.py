@@ -118,7 +118,8 @@ def _export_step(recipe: Recipe, model: str, dtype: str) -> Step:
 
     def run(tmp: Path, upstream: dict[str, dict]) -> dict:
         config = OnnxExportConfig(dtype=dtype, opset=recipe.export["opset"], exporter=recipe.export["exporter"],
-                                  attention=recipe.export["attention"])
+                                  attention=recipe.export["attention"],
+                                  attention_chunks=recipe.export["attention_chunks"])
         manifest = export_pretrained(_model_source(recipe, model, upstream), tmp / "onnx", config, overwrite=True)
         return {"parity_max_abs_diff": manifest["parity"]["max_abs_diff"], "seconds": manifest["seconds"]}
 

@@ -163,7 +163,8 @@ def test_shipped_cpu_recipe_is_valid():
     recipe = load_recipe(RECIPES / "smollm2-cpu.yaml")
     assert recipe.model == "smollm2-135m" and recipe.profile.name == "cpu-quick" and recipe.device == "cpu"
     assert recipe.backends == {"pytorch": ["fp32"], "onnxruntime": ["fp32", "int8-dynamic", "int4"]}
-    assert recipe.export == {"opset": None, "exporter": "torchscript", "attention": "fused"}
+    assert recipe.export == {"opset": None, "exporter": "torchscript", "attention": "fused",
+                             "attention_chunks": None}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
@@ -194,6 +195,8 @@ BAD_RECIPES = [
     ({"slice.mode": "layerwise"}, r"section 'slice': mode must be 'per-layer' or 'uniform'"),
     ({"slice.mode": "uniform", "slice.refit": 0}, r"section 'slice': refit ridge must be > 0"),
     ({"export.attention": "flash"}, r"recipe key 'export.attention' must be eager or fused"),
+    ({"export.attention_chunks": 4}, r"'export.attention_chunks' must be null or an integer >= 1 \(> 1 only with"),
+    ({"export.attention": "fused", "export.attention_chunks": 0}, r"'export.attention_chunks' must be null"),
 ]
 
 

@@ -15,7 +15,8 @@ SECTIONS: dict[str, dict[str, Any]] = {  # section -> its keys and defaults
               "calibration": None},
     "calibration": {"source": "builtin", "samples": 128, "seqlen": 512, "seed": 0},
     "eval": {"data": "builtin", "seqlen": 512, "batch_size": 4, "max_tokens": None},
-    "export": {"opset": None, "exporter": "torchscript", "attention": "eager"},  # opset None: 18 (fused: 23)
+    # opset None: 18 (fused: 23); attention_chunks None: 4 causal query blocks with fused attention, 1 with eager
+    "export": {"opset": None, "exporter": "torchscript", "attention": "eager", "attention_chunks": None},
     "quantize": {"block_size": 32, "method": "rtn", "keep_float": [], "weight_int8": [], "embedding_dtype": None,
                  "accuracy_level": None, "shortcuts": "weight-int8", "calib_samples": 8, "snr_floor_db": None,
                  "gptq_samples": 32, "gptq_seqlen": 512, "static_format": "qdq",
@@ -247,6 +248,11 @@ def _check_combinations(recipe: Recipe) -> None:
     if attention == "fused" and "tensorrt" in recipe.backends:
         raise UserInputError("recipe key 'export.attention': fused ONNX Attention is for ONNX Runtime; the TensorRT "
                              "backend builds from eager exports (set export.attention: eager)")
+    chunks = recipe.export["attention_chunks"]
+    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1
+                               or (chunks > 1 and attention != "fused")):
+        raise UserInputError(f"recipe key 'export.attention_chunks' must be null or an integer >= 1 (> 1 only with "
+                             f"export.attention: fused), got {chunks!r}")
     if recipe.eval["max_tokens"] is not None and recipe.eval["max_tokens"] < 2:
         raise UserInputError(f"recipe key 'eval.max_tokens' must be >= 2 or null, got {recipe.eval['max_tokens']}")
 
