@@ -7,8 +7,9 @@ every part that keeps its size. Each part is a small ONNX graph at SmolLM2's sha
 - ``layer GEMMs``: q, k, v, o, gate, up, down of one layer at 512 tokens (they scale with k);
 - ``head GEMM``: the vocabulary projection, whose (tokens x vocab) float32 output is written whatever k is;
 - ``attention``: one ONNX Attention node (9 query / 3 KV heads of 64), full and split into query chunks that skip
-  the keys a causal mask hides (the same result; a possible graph rewrite, not what the exporter writes);
-- ``rotary``: rotate-half RoPE as the eager export writes it vs the RotaryEmbedding op (opset 23).
+  the keys a causal mask hides (the same result; fused exports now write 4 such blocks, exporters/attention.py);
+- ``rotary``: rotate-half RoPE as the eager export writes it vs the RotaryEmbedding op (opset 23; fused exports of
+  Llama-rotary families now write it).
 
     python -m benchmarks.prefill_floor
 """
