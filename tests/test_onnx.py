@@ -223,6 +223,21 @@ def test_last_logits_generation_graph(export_of, variant, tmp_path):
         last.perplexity(np.arange(40) % model.config.vocab_size, seqlen=16)
 
 
+def test_cpu_outputs_are_the_runtime_buffers_as_writable_numpy(export_of):
+    """The runner hands out ONNX Runtime's output buffers (DLPack, no copy): the values session.run returns, as
+    ordinary writable arrays that outlive the call."""
+    _, out, _ = export_of("llama-dense")
+    runner = OrtCausalLM(out)
+    ids = np.random.default_rng(4).integers(0, 96, (2, 7))
+    feeds = runner._feeds(ids, None, None, None)
+    copied = runner.session.run(runner.output_names, feeds)
+    logits, past = runner.forward(ids)
+    again, _ = runner.forward(ids[:, :3])  # a second call does not touch the first call's arrays
+    assert isinstance(logits, np.ndarray) and logits.flags.writeable and again.shape[1] == 3
+    assert np.array_equal(logits, copied[0]) and np.array_equal(past[1][1], copied[4])
+    logits[0, 0, 0] += 1.0
+
+
 def test_generation_stops_at_eos(tmp_path):
     model = _model("llama-dense")
     prompt = np.arange(3, 9)[None]
