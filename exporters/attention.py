@@ -84,18 +84,15 @@ def _attention_function(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     return output.transpose(1, 2).contiguous(), None
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class _OnnxRotary(torch.autograd.Function):
     """Rotate-half RoPE of (batch, heads, sequence, head_dim) with (batch, sequence, head_dim) cos/sin whose two
     halves repeat (Llama's layout); one ``slice2deploy::RotaryEmbedding`` node (on the half caches) when traced."""
 
     @staticmethod
     def forward(ctx, x, cos, sin, half: int):  # noqa: ARG004 (autograd's signature)
-        return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+        from transformers.models.llama.modeling_llama import rotate_half
+
+        return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
     @staticmethod
     def symbolic(g, x, cos, sin, half: int):
@@ -136,12 +133,11 @@ def fused_rotary(model: nn.Module) -> Iterator[int]:
 
     from transformers.models.llama import modeling_llama
 
-    reference = (_code(modeling_llama.apply_rotary_pos_emb), _code(modeling_llama.rotate_half))
+    reference_names = ("apply_rotary_pos_emb", "rotate_half")
+    reference = tuple(_code(getattr(modeling_llama, f)) for f in reference_names)
     modules = {sys.modules[type(m).__module__] for m in model.modules() if type(m).__module__ in sys.modules}
-    patched = [module for module in modules
-               if callable(getattr(module, "apply_rotary_pos_emb", None)) and callable(getattr(module, "rotate_half",
-                                                                                             None))
-               and (_code(module.apply_rotary_pos_emb), _code(module.rotate_half)) == reference]
+    patched = [module for module in modules if all(callable(getattr(module, f, None)) for f in reference_names)
+               and tuple(_code(getattr(module, f)) for f in reference_names) == reference]
     originals = {module: module.apply_rotary_pos_emb for module in patched}
     try:
         for module, original in originals.items():
@@ -169,10 +165,7 @@ def attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
     previous = model.config._attn_implementation
     model.set_attn_implementation(name)
     try:
-        if name == IMPLEMENTATION:
-            with fused_rotary(model):
-                yield
-        else:
+        with fused_rotary(model) if name == IMPLEMENTATION else contextlib.nullcontext():
             yield
     finally:
         model.set_attn_implementation(previous)
@@ -232,6 +225,11 @@ DEFAULT_CHUNKS = 4  # SmolLM2 512-token prefill: attention 122 -> 76-84 ms per c
 CHUNK_MIN_QUERIES = 16  # fewer rows per block: one Attention call is cheaper than the blocks' extra ops
 
 
+def min_chunked_tokens(chunks: int, min_queries: int = CHUNK_MIN_QUERIES) -> int:
+    """The fewest new tokens for which a graph split into ``chunks`` blocks runs them (0: it is not split)."""
+    return chunks * min_queries if chunks > 1 else 0
+
+
 def chunk_causal_attention(graph, chunks: int, min_queries: int = CHUNK_MIN_QUERIES) -> int:
     """Split every masked ``Attention`` node of ``graph`` into ``chunks`` query blocks that skip hidden keys.
 
@@ -248,8 +246,8 @@ def chunk_causal_attention(graph, chunks: int, min_queries: int = CHUNK_MIN_QUER
 
     if chunks < 2:
         return 0
-    targets = [n for n in graph.node if n.domain == "" and n.op_type == "Attention" and len(n.input) >= 4
-               and n.input[3] and len(n.input) <= 4 and all(not name for name in n.output[1:])]
+    targets = [n for n in graph.node if n.domain == "" and n.op_type == "Attention" and len(n.input) == 4
+               and n.input[3] and all(not name for name in n.output[1:])]
     if not targets:
         return 0
     names = {i.name for i in graph.input}
@@ -263,8 +261,9 @@ def chunk_causal_attention(graph, chunks: int, min_queries: int = CHUNK_MIN_QUER
         return helper.make_node("Constant", [], [name(suffix)], value=helper.make_tensor(
             name(suffix), TensorProto.INT64, [len(values)], values))
 
-    shared = [ints("zero", [0]), ints("chunks", [chunks]), ints("min_tokens", [chunks * min_queries]),
-              ints("axis", [-2]), ints("last_axis", [-1]),
+    shared = [ints("zero", [0]), ints("chunks", [chunks]),
+              ints("min_tokens", [min_chunked_tokens(chunks, min_queries)]), ints("axis", [-2]),
+              ints("last_axis", [-1]),
               helper.make_node("Shape", ["input_ids"], [name("sequence")], start=1, end=2),
               helper.make_node("Shape", ["attention_mask"], [name("total")], start=1, end=2),
               helper.make_node("Sub", [name("total"), name("sequence")], [name("past")]),
@@ -284,8 +283,9 @@ def chunk_causal_attention(graph, chunks: int, min_queries: int = CHUNK_MIN_QUER
         shared += [helper.make_node("Slice", [rows[j], name("zero"), name(f"keys{j + 1}"), name("last_axis")],
                                     [name(f"{mask}/block{j}")]) for j in range(chunks - 1)]
         mask_blocks[mask] = [name(f"{mask}/block{j}") for j in range(chunks - 1)] + [rows[-1]]
+    first = list(graph.node).index(targets[0])  # every mask is made before the first attention: shared go there
     for node in targets:
-        query, key, value, mask = node.input[:4]
+        query, key, value, mask = node.input
         output = node.output[0]
         queries = [f"{output}/chunk{j}/query" for j in range(chunks)]
         blocks = [helper.make_node("Split", [query, name("sizes")], queries, axis=-2)]
@@ -311,8 +311,6 @@ def chunk_causal_attention(graph, chunks: int, min_queries: int = CHUNK_MIN_QUER
             else_branch=helper.make_graph([whole], f"{node.name}/whole", [], [branch_output(f"{output}/whole")]))
         graph.node.insert(list(graph.node).index(node), split)
         graph.node.remove(node)
-    first = next(index for index, node in enumerate(graph.node) if node.op_type == "If"
-                 and node.name.endswith("/causal_chunks"))  # every mask is made before the first attention
     for offset, node in enumerate(shared):
         graph.node.insert(first + offset, node)
     return len(targets)

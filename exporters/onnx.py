@@ -432,9 +432,8 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: str | Path, config: OnnxEx
         rewritten = _write_graph(flat, config, tmp, external)
         exported = time.perf_counter()
         with fused_attention.attention_implementation(model, "eager"):
-            chunked = config.attention_chunks > 1  # a step long enough for the causal blocks to run
-            parity = _check_parity(flat, tmp, config.tolerance,
-                                   config.attention_chunks * fused_attention.CHUNK_MIN_QUERIES if chunked else 0)
+            long_step = fused_attention.min_chunked_tokens(config.attention_chunks)  # the blocks' path, if any
+            parity = _check_parity(flat, tmp, config.tolerance, long_step)
         _write_side_files(model, tokenizer, tmp)
         seconds = {"export": round(exported - started, 2), "parity": round(time.perf_counter() - exported, 2)}
         manifest = _manifest(tmp, config, source, flat.num_layers, external, rewritten, parity, seconds)

@@ -60,6 +60,12 @@ def _inputs(ids: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray]) -> d
     return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask, past_length), **past}
 
 
+def _as_past(presents: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A run's ``present.*`` outputs renamed as the next run's ``past_key_values.*`` inputs."""
+    return {name.replace("present.", "past_key_values.", 1): value
+            for name, value in presents.items() if name.startswith("present.")}
+
+
 def parity_cases(vocab_size: int, empty_past: Callable[[int], dict[str, np.ndarray]],
                  reference: Runner, seed: int = 0, long_step: int = 0) -> list[tuple[str, dict[str, np.ndarray]]]:
     """The three named input sets; the decode case's past is the reference prefill's presents. With ``long_step``,
@@ -68,9 +74,7 @@ def parity_cases(vocab_size: int, empty_past: Callable[[int], dict[str, np.ndarr
     ids = rng.integers(0, vocab_size, (BATCH, PREFILL), dtype=np.int64)
     ones = np.ones((BATCH, PREFILL), dtype=np.int64)
     prefill = _inputs(ids, ones, empty_past(BATCH))
-    presents = reference(prefill)
-    past = {name.replace("present.", "past_key_values.", 1): value
-            for name, value in presents.items() if name.startswith("present.")}
+    past = _as_past(reference(prefill))
     step = rng.integers(0, vocab_size, (BATCH, 1), dtype=np.int64)
     decode = _inputs(step, np.ones((BATCH, PREFILL + 1), dtype=np.int64), past)
     padded_mask = ones.copy()
@@ -78,11 +82,9 @@ def parity_cases(vocab_size: int, empty_past: Callable[[int], dict[str, np.ndarr
     padded = _inputs(ids, padded_mask, empty_past(BATCH))
     cases = [("prefill", prefill), ("decode", decode), ("left_padding", padded)]
     if long_step:  # the left-padded batch goes on: its own presents as the past, its mask extended
-        padded_past = {name.replace("present.", "past_key_values.", 1): value
-                       for name, value in reference(padded).items() if name.startswith("present.")}
         long_mask = np.concatenate([padded_mask, np.ones((BATCH, long_step), dtype=np.int64)], axis=1)
         cases.append(("long_step", _inputs(rng.integers(0, vocab_size, (BATCH, long_step), dtype=np.int64),
-                                           long_mask, padded_past)))
+                                           long_mask, _as_past(reference(padded)))))
     return cases
 
 
