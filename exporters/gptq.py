@@ -27,6 +27,8 @@ import numpy as np
 
 from slice2deploy.utils import Slice2DeployError, UserInputError
 
+from .probe import probe_activations
+
 LAZY_BLOCK = 128  # rows updated lazily per step (the GPTQ paper's batching); a multiple of every block size used
 CLIP_GRID = np.linspace(1.0, 0.75, 11)  # shrink factors tried for each block's [min, max] range
 
@@ -36,38 +38,19 @@ def probe_grams(model_path: Path, tensors: list[str], feeds: Iterable[dict], scr
                 ) -> dict[str, np.ndarray]:
     """``X^T X`` (float64) of every named activation tensor (batch, sequence, K), over all tokens of all ``feeds``
     (each a prefill from position 0), with the first token of every sequence counted ``first_token_weight``
-    times, and the token count under the key ``"__tokens__"``. The graph is re-saved in ``scratch`` (with
-    external data when ``large``) with the tensors as extra outputs, and deleted afterwards."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    model = onnx.load(str(model_path))
-    present = {o.name for o in model.graph.output}
-    model.graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
-                              for name in tensors if name not in present)
-    probe = scratch / ".gptq_probe.onnx"
-    onnx.save_model(model, str(probe), save_as_external_data=large, all_tensors_to_one_file=True,
-                    location=f"{probe.name}.data")
-    del model
-    try:
-        session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
-        grams = {name: None for name in tensors}
-        tokens = 0
-        for feed in progress(list(feeds)):
-            outputs = session.run(tensors, feed)
-            tokens += int(np.prod(outputs[0].shape[:2]))
-            for name, value in zip(tensors, outputs, strict=True):
-                if value.ndim != 3:
-                    raise Slice2DeployError(f"GPTQ: {name} has shape {value.shape}; expected (batch, sequence, K)")
-                rows = value.astype(np.float64)
-                rows[:, 0] *= np.sqrt(first_token_weight)
-                rows = rows.reshape(-1, value.shape[-1])
-                gram = rows.T @ rows
-                grams[name] = gram if grams[name] is None else grams[name] + gram
-    finally:
-        for item in scratch.glob(probe.name + "*"):
-            item.unlink()
+    times, and the token count under the key ``"__tokens__"`` (read through ``probe.probe_activations``)."""
+    grams: dict[str, np.ndarray | None] = {name: None for name in tensors}
+    tokens = 0
+    for outputs in probe_activations(model_path, tensors, feeds, scratch, large, progress):
+        tokens += int(np.prod(outputs[tensors[0]].shape[:2]))
+        for name, value in outputs.items():
+            if value.ndim != 3:
+                raise Slice2DeployError(f"GPTQ: {name} has shape {value.shape}; expected (batch, sequence, K)")
+            rows = value.astype(np.float64)
+            rows[:, 0] *= np.sqrt(first_token_weight)
+            rows = rows.reshape(-1, value.shape[-1])
+            gram = rows.T @ rows
+            grams[name] = gram if grams[name] is None else grams[name] + gram
     if tokens == 0:
         raise UserInputError("GPTQ needs at least one calibration sequence")
     return {**grams, "__tokens__": np.array(tokens)}

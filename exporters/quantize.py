@@ -23,6 +23,7 @@ import numpy as np
 from slice2deploy.utils import Slice2DeployError, UserInputError, atomic_directory, sha256_file
 
 from .ort import OrtCausalLM, check_onnx_dir, runtime_versions
+from .smooth import SmoothGroup, smoothable_groups
 
 QUANT_MANIFEST = "slice2deploy_quant_manifest.json"
 MODEL_FILE = "model.onnx"
@@ -88,6 +89,10 @@ class QuantConfig:
     # (QLinearMatMul nodes with uint8 activations). Measured on SmolLM2 CPU: onnxruntime fuses only the o_proj QDQ
     # MatMuls, so QDQ decodes at 3-4 tok/s; QOperator is benchmarks/results/onnx_runtime_cpu_smollm2.md's note.
     static_format: str = "qdq"
+    # INT8 modes: SmoothQuant strength (smooth.py), moving outlier channels of norm outputs into the weights that
+    # read them, measured on the calibration text. None: off. Only graphs whose norms carry a weight have any
+    # (dense models; a slice's norms are weight-free).
+    smooth_alpha: float | None = None
     calib: str = "builtin"  # text for int8-static ranges, GPTQ's Gram matrices and the quality gate
     calib_samples: int = 8
     calib_seqlen: int = 128
@@ -124,6 +129,9 @@ class QuantConfig:
             raise UserInputError(f"gptq_first_token_weight must be > 0, got {self.gptq_first_token_weight}")
         if not 0.0 < self.gptq_damp < 1.0:
             raise UserInputError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
+        if self.smooth_alpha is not None and (self.mode == QuantMode.INT4 or not 0.0 < self.smooth_alpha < 1.0):
+            raise UserInputError(f"smooth_alpha is an INT8 option in (0, 1), got {self.smooth_alpha} with mode "
+                                 f"{self.mode.value}")
         if self.method == Int4Method.GPTQ and self.mode != QuantMode.INT4:
             raise UserInputError("method gptq is an INT4 weight quantizer; use it with mode int4")
 
@@ -363,6 +371,23 @@ def _quantize_gptq(source: Path, target: Path, chosen: list[WeightMatMul], confi
                     location=f"{target.name}.data")
 
 
+def _smooth(source: Path, target: Path, groups: list[SmoothGroup], config: QuantConfig, runner: OrtCausalLM,
+            samples: list[np.ndarray], summary: dict) -> None:
+    """SmoothQuant: fold per-channel scales measured on the calibration text into the groups' weights."""
+    import onnx
+    from tqdm.auto import tqdm
+
+    from .smooth import channel_maxima, smooth_initializers
+
+    feeds = (runner._feeds(ids, None, None, None) for ids in samples)
+    maxima = channel_maxima(source, [g.activation for g in groups], feeds, target.parent, large=_is_large(source),
+                            progress=lambda items: tqdm(items, desc="SmoothQuant calibration"))
+    model = onnx.load(str(source))
+    summary.update(smooth_initializers(model, groups, maxima, config.smooth_alpha))
+    onnx.save_model(model, str(target), save_as_external_data=_is_large(source), all_tensors_to_one_file=True,
+                    location=f"{target.name}.data")
+
+
 def _is_large(model_path: Path) -> bool:
     data = [p for p in model_path.parent.iterdir() if p.suffix in (".data", ".onnx_data")]
     return sum(p.stat().st_size for p in [model_path, *data]) > (1536 << 20)
@@ -396,28 +421,36 @@ def quantize_onnx(source_dir: str | Path, out_dir: str | Path, config: QuantConf
     matmuls = weight_matmuls(graph)
     full = quant_plan(matmuls, config)
     samples = _calibration_inputs(reference, config)
+    groups = [] if config.smooth_alpha is None else smoothable_groups(graph, {mm.node for mm in full.chosen})
+    smoothing: dict = {}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         _copy_side_files(source, tmp)
-        _run_passes(model_path, tmp, full, config, reference, samples, _default_opset(graph))
+        _run_passes(model_path, tmp, full, config, reference, samples, _default_opset(graph), groups, smoothing)
         embedding = None if not config.embedding_dtype else _embedding_name(tmp / MODEL_FILE)
         snr = logits_snr_db(reference, OrtCausalLM(tmp), samples)
         if snr < config.floor:
-            hint = "" if config.keep_float else (" Models with outlier activations (e.g. SmolLM2's MLP down "
-                                                 "projection inputs) quantize better with keep_float / "
-                                                 "--keep-float down_proj.")
+            hint = "" if config.keep_float and config.smooth_alpha else (
+                " Models with outlier activations (e.g. SmolLM2's MLP down projection inputs) quantize better with "
+                "keep_float (--keep-float down_proj) and, for INT8, SmoothQuant (--smooth-alpha 0.8).")
             raise QuantQualityError(f"{config.mode.value}: logits SNR {snr:.1f} dB is below the floor of "
                                     f"{config.floor:.1f} dB; nothing was written.{hint}")
         manifest = _manifest(source, model_path, tmp, config, full, snr)
         manifest["embedding_float16"] = embedding
+        manifest["smoothing"] = None if config.smooth_alpha is None else {
+            "alpha": config.smooth_alpha, "groups": len(groups), "matmuls": sum(len(g.matmuls) for g in groups),
+            "by_activation": smoothing}
         (tmp / QUANT_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
 
 def _run_passes(model_path: Path, out: Path, full: QuantPlan, config: QuantConfig, reference: OrtCausalLM,
-                samples: list[np.ndarray], opset: int) -> None:
-    """The mode's quantizer, then 8-bit weight-only blocks, then the float16 embedding: each pass reads the
-    previous graph and writes a new one in ``out``; the last becomes ``model.onnx``, intermediates are deleted."""
+                samples: list[np.ndarray], opset: int, groups: list[SmoothGroup], smoothing: dict) -> None:
+    """SmoothQuant (when there are groups), the mode's quantizer, then 8-bit weight-only blocks, then the float16
+    embedding: each pass reads the previous graph and writes a new one in ``out``; the last becomes
+    ``model.onnx``, intermediates are deleted."""
     passes = []
+    if groups:
+        passes.append(lambda src, dst: _smooth(src, dst, groups, config, reference, samples, smoothing))
     if full.chosen:
         nodes = [mm.node for mm in full.chosen]
         if config.mode == QuantMode.INT4 and config.method == Int4Method.GPTQ:

@@ -144,7 +144,8 @@ def _quantize_step(recipe: Recipe, model: str, mode: str) -> Step:
                              accuracy_level=cfg["accuracy_level"],
                              calib_samples=cfg["calib_samples"], snr_floor_db=cfg["snr_floor_db"],
                              gptq_samples=cfg["gptq_samples"], gptq_seqlen=cfg["gptq_seqlen"],
-                             static_format=cfg["static_format"])
+                             static_format=cfg["static_format"],
+                             smooth_alpha=None if mode == "int4" else cfg["smooth_alpha"])  # an INT8 option
         try:
             manifest = quantize_onnx(Path(upstream[source]["directory"]) / "onnx", tmp / "onnx", config,
                                      overwrite=True)

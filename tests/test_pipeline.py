@@ -115,17 +115,21 @@ def test_uniform_refit_recipe_builds_a_standard_sliced_model(pipeline_run, tiny_
 
 
 def test_gptq_int4_recipe_on_the_incoherent_slice(tiny_llama_dir, tiny_text_file, tmp_path):
-    """The shipped CPU recipe's settings: incoherence, fused-attention export, GPTQ INT4."""
+    """The shipped CPU recipe's settings: incoherence, fused-attention export, GPTQ INT4, SmoothQuant INT8."""
     recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tiny_llama_dir, tiny_text_file, **{
-        "slice.incoherence": True, "bench.backends": {"onnxruntime": ["fp32", "int4"]}, "export.attention": "fused",
+        "slice.incoherence": True, "bench.backends": {"onnxruntime": ["fp32", "int8-dynamic", "int4"]},
+        "export.attention": "fused",
         "quantize": {"block_size": 16, "modes": {"int4": {"method": "gptq", "gptq_samples": 4, "gptq_seqlen": 32}},
-                     "calib_samples": 2}}))
+                     "calib_samples": 2, "smooth_alpha": 0.8}}))
     statuses = {s.key: s.status for s in run_pipeline(recipe, tmp_path / "out", progress=False, log=False,
                                                       build_only=True)}
     assert statuses["quantize-sliced-0.25-int4"] == "ran"
     manifest = json.loads((tmp_path / "out" / "quantize-sliced-0.25-int4" / "onnx" / QUANT_MANIFEST).read_text())
     assert manifest["config"]["method"] == "gptq" and manifest["config"]["gptq_seqlen"] == 32
     assert manifest["logits_snr_db"] >= manifest["snr_floor_db"]
+    assert manifest["config"]["smooth_alpha"] is None  # the section's smooth_alpha is an INT8 option
+    int8 = json.loads((tmp_path / "out" / "quantize-dense-int8-dynamic" / "onnx" / QUANT_MANIFEST).read_text())
+    assert int8["smoothing"]["alpha"] == 0.8 and int8["smoothing"]["groups"] > 0  # the dense model's norms
     export = json.loads((tmp_path / "out" / "export-sliced-0.25-float32" / "onnx" / MANIFEST_FILE).read_text())
     assert export["export_config"]["attention"] == "fused" and export["fused_attention_nodes"] > 0
 
@@ -165,6 +169,9 @@ def test_shipped_cpu_recipe_is_valid():
     assert recipe.backends == {"pytorch": ["fp32"], "onnxruntime": ["fp32", "int8-dynamic", "int4"]}
     assert recipe.export == {"opset": None, "exporter": "torchscript", "attention": "fused",
                              "attention_chunks": None}
+    from slice2deploy.suite.recipe import quant_settings
+
+    assert quant_settings(recipe.quantize, "int8-dynamic")["smooth_alpha"] == 0.8
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
@@ -197,6 +204,8 @@ BAD_RECIPES = [
     ({"export.attention": "flash"}, r"recipe key 'export.attention' must be eager or fused"),
     ({"export.attention_chunks": 4}, r"'export.attention_chunks' must be null or an integer >= 1 \(> 1 only with"),
     ({"export.attention": "fused", "export.attention_chunks": 0}, r"'export.attention_chunks' must be null"),
+    ({"quantize.smooth_alpha": 1.5}, r"'quantize.smooth_alpha' must be null or a number in \(0, 1\)"),
+    ({"quantize.modes": {"int8-static": {"smooth_alpha": "on"}}}, r"'quantize.modes.int8-static.smooth_alpha' must"),
 ]
 
 

@@ -237,3 +237,85 @@ def test_accuracy_level_is_stamped_on_every_nbits_node(dense_onnx, tiny_text_fil
     assert all(next(a.i for a in n.attribute if a.name == "accuracy_level") == 4 for n in nodes)
     with pytest.raises(UserInputError, match="accuracy_level"):
         QuantConfig(accuracy_level=7)
+
+
+def _outlier_llama():
+    """A tiny Llama whose norm weights carry a few outlier channels (like SmolLM2's): per-tensor INT8 suffers."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[[3, 17]] *= 100.0
+            layer.post_attention_layernorm.weight[[5]] *= 100.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def outlier_onnx(tmp_path_factory):
+    return _export(_outlier_llama(), tmp_path_factory.mktemp("q") / "outlier")
+
+
+def test_smoothing_keeps_the_float_function_and_changes_the_weights(outlier_onnx, tiny_text_file, tmp_path):
+    import numpy as np
+    from onnx import numpy_helper
+
+    from exporters.ort import OrtCausalLM
+    from exporters.quantize import _calibration_inputs, weight_matmuls
+    from exporters.smooth import channel_maxima, smooth_initializers, smoothable_groups
+
+    model = onnx.load(str(outlier_onnx / "model.onnx"))
+    groups = smoothable_groups(model, {mm.node for mm in weight_matmuls(model)})
+    # two norms per layer: q/k/v read the input norm, gate/up the post-attention norm; the final norm feeds the
+    # tied head (not a smoothable weight) and down_proj reads no norm
+    assert sorted(len(g.matmuls) for g in groups) == [2, 2, 3, 3]
+    runner = OrtCausalLM(outlier_onnx)
+    samples = _calibration_inputs(runner, _config(tiny_text_file))
+    feeds = [runner._feeds(ids, None, None, None) for ids in samples]
+    maxima = channel_maxima(outlier_onnx / "model.onnx", [g.activation for g in groups], feeds, tmp_path)
+    assert not list(tmp_path.iterdir())  # the probe graph is deleted
+    before = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
+    summary = smooth_initializers(model, groups, maxima, alpha=0.8)
+    assert all(s["smoothed_max_ratio"] < s["activation_max_ratio"] for s in summary.values())
+    after = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    changed = [g.norm_weight for g in groups if not np.allclose(before[g.norm_weight], after[g.norm_weight])]
+    assert len(changed) == len(groups)
+    (tmp_path / "smoothed").mkdir()
+    for item in outlier_onnx.iterdir():
+        if item.name != "model.onnx":
+            (tmp_path / "smoothed" / item.name).write_bytes(item.read_bytes())
+    onnx.save_model(model, str(tmp_path / "smoothed" / "model.onnx"))
+    smoothed = OrtCausalLM(tmp_path / "smoothed")
+    for ids in samples[:2]:
+        reference, result = runner.forward(ids)[0], smoothed.forward(ids)[0]
+        assert np.abs(reference - result).max() <= 1e-4 * max(1.0, np.abs(reference).max())
+
+
+@pytest.mark.parametrize("mode", ["int8-dynamic", "int8-static"])
+def test_smoothing_raises_int8_quality_on_outlier_channels(outlier_onnx, tiny_text_file, tmp_path, mode):
+    plain = quantize_onnx(outlier_onnx, tmp_path / "plain", _config(tiny_text_file, mode=mode, snr_floor_db=0))
+    smooth = quantize_onnx(outlier_onnx, tmp_path / "smooth", _config(tiny_text_file, mode=mode, snr_floor_db=0,
+                                                                       smooth_alpha=0.8))
+    assert plain["smoothing"] is None
+    assert smooth["smoothing"]["groups"] == 4 and smooth["smoothing"]["matmuls"] == 10
+    assert smooth["quantized_matmuls"] == plain["quantized_matmuls"] == 14
+    assert smooth["logits_snr_db"] > plain["logits_snr_db"] + 3.0, (plain["logits_snr_db"], smooth["logits_snr_db"])
+    assert not [p for p in (tmp_path / "smooth").iterdir() if p.name.startswith(".")]  # no probe or stage left
+
+
+def test_smoothing_only_touches_groups_being_quantized(outlier_onnx, sliced_onnx, tiny_text_file, tmp_path):
+    kept = quantize_onnx(outlier_onnx, tmp_path / "kept", _config(tiny_text_file, mode="int8-dynamic",
+                                                                   keep_float=("q_proj",), smooth_alpha=0.5))
+    assert kept["smoothing"]["groups"] == 2 and kept["smoothing"]["matmuls"] == 4  # gate/up only
+    sliced = quantize_onnx(sliced_onnx, tmp_path / "sliced", _config(tiny_text_file, mode="int8-dynamic",
+                                                                     smooth_alpha=0.5))
+    assert sliced["smoothing"]["groups"] == 0  # a slice's norms are weight-free: their scales are in the weights
+
+
+def test_smoothing_settings_are_checked(tmp_path):
+    from slice2deploy.cli import main
+
+    with pytest.raises(UserInputError, match="INT8 option"):
+        QuantConfig(mode="int4", smooth_alpha=0.5)
+    with pytest.raises(UserInputError, match="INT8 option"):
+        QuantConfig(mode="int8-dynamic", smooth_alpha=1.5)
+    assert main(["quantize", str(tmp_path), "-o", str(tmp_path / "o"), "--mode", "int4", "--smooth-alpha",
+                 "0.5"]) == 2

@@ -20,6 +20,7 @@ SECTIONS: dict[str, dict[str, Any]] = {  # section -> its keys and defaults
     "quantize": {"block_size": 32, "method": "rtn", "keep_float": [], "weight_int8": [], "embedding_dtype": None,
                  "accuracy_level": None, "shortcuts": "weight-int8", "calib_samples": 8, "snr_floor_db": None,
                  "gptq_samples": 32, "gptq_seqlen": 512, "static_format": "qdq",
+                 "smooth_alpha": None,  # SmoothQuant strength for the INT8 modes (null: off; int4 ignores it)
                  "modes": {}},
     "engine": {"profile": None, "workspace_mib": None, "keep_float": []},
 }
@@ -90,6 +91,10 @@ def _check_quant_modes(quantize: dict) -> dict:
         for key, (allowed, described) in QUANT_CHOICES.items():
             if key in settings and settings[key] not in allowed:
                 raise UserInputError(f"recipe key '{where}.{key}' must be {described}")
+        alpha = settings.get("smooth_alpha")
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1):
+            raise UserInputError(f"recipe key '{where}.smooth_alpha' must be null or a number in (0, 1), "
+                                 f"got {alpha!r}")
     return {**quantize, "modes": {mode: dict(overrides or {}) for mode, overrides in modes.items()}}
 
 
