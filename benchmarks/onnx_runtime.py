@@ -42,7 +42,9 @@ QUANT_MODES = ("int8-dynamic", "int8-static", "int8-static-qop", "int4")  # prec
 # The INT8 modes also smooth (SmoothQuant, alpha 0.8): the dense model's norm outputs carry outlier channels
 # (max over median channel up to ~20x) that go into q/k/v and gate/up. Dense SmolLM2 INT8-dynamic, 8192 tokens:
 # +5.1% unsmoothed; alpha 0.3/0.5/0.7/0.8/0.9: +2.7/+1.3/+0.7/+0.6/+0.6%. 0.8 has the best logits SNR on the
-# calibration text (27.1 dB; 0.9: 25.9). A slice's norms are weight-free, so it has nothing to smooth.
+# calibration text (27.1 dB; 0.9: 25.9). A slice's norms are weight-free, so it has nothing to smooth there.
+# down_proj's inputs (the MLP product, smoothable through up_proj's columns) stay float: quantized too, dense
+# logits SNR is 7.7 dB unsmoothed and 18.0 dB smoothed (alpha 0.8), but perplexity is still +10.5%.
 SMOOTH = {"smooth_alpha": 0.8}
 POLICY = {
     "int8-dynamic": {"keep_float": ("down_proj",), **SMOOTH},

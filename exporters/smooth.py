@@ -7,12 +7,17 @@ channel and have range to spare: ``a W = (a / s) (s W)`` for any positive per-ch
 
     s_j = max|a_j|^alpha / max|W_j,:|^(1 - alpha)
 
-(``max|a_j|`` measured on calibration text, ``W`` the group's weights side by side). The division is folded
-into the norm's weight (``g / s``) and the multiplication into the rows of every weight that reads ``a``, so
-the float graph computes the same function with no new node. A group is smoothed only when every reader of
-``a`` (shape reads aside) is a weight MatMul being quantized, and the norm weight and the MatMul weights have no
-other reader.
-Sliced models have weight-free norms (their scales are folded into the weights already): nothing to smooth.
+(``max|a_j|`` measured on calibration text, ``W`` the group's weights side by side). The multiplication goes
+into the rows of every weight that reads ``a``, the division into whatever made ``a``'s channels, so the float
+graph computes the same function with no new node. Two producers qualify:
+
+- a norm, ``a = r * g``: the division goes into its per-channel weight ``g`` (q/k/v and gate/up read these);
+- the MLP's product ``a = act(x Wg) * (x Wu)``: it goes into the columns of ``Wu``, which INT8 quantizes per
+  column anyway, so its own quantization does not change (down_proj reads this).
+
+A group is smoothed only when every reader of ``a`` (shape reads aside) is a weight MatMul being quantized and
+no other node reads the initializers involved. A slice's norms are weight-free (their scales are folded into
+the weights already): only its MLP products can be smoothed.
 """
 
 from __future__ import annotations
@@ -32,10 +37,10 @@ SCALE_RANGE = (1e-5, 1e5)  # clip on s: a dead channel (max 0) must not zero a w
 
 @dataclass(frozen=True)
 class SmoothGroup:
-    """Weight MatMuls that read one norm output, and the norm's per-channel weight that produced it."""
+    """Weight MatMuls that read one activation, and the initializer whose last axis scales its channels."""
 
     activation: str
-    norm_weight: str
+    source: str
     matmuls: tuple[str, ...]
     weights: tuple[str, ...]
 
@@ -50,29 +55,54 @@ def _all_nodes(graph):
 
 def smoothable_groups(model, nodes: set[str]) -> list[SmoothGroup]:
     """The groups of ``model`` (loaded with or without external data) whose MatMuls are all in ``nodes``."""
-    from onnx import TensorProto
-
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     readers: dict[str, list] = {}
     for node in _all_nodes(graph):
         for name in node.input:
             readers.setdefault(name, []).append(node)
+    producers = {out: node for node in graph.node for out in node.output}
     outputs = {o.name for o in graph.output}
     groups = []
     for node in graph.node:
         if node.op_type != "Mul" or node.output[0] in outputs:
             continue
-        norm = [name for name in node.input if name in initializers and len(initializers[name].dims) == 1
-                and initializers[name].data_type == TensorProto.FLOAT and len(readers[name]) == 1]
-        matmuls = [r for r in readers.get(node.output[0], []) if r.op_type not in SHAPE_ONLY]
-        if len(norm) != 1 or not matmuls:
+        source = _scale_source(node, initializers, readers, producers, outputs)
+        matmuls = _value_readers(node.output[0], readers)
+        if source is None or not matmuls:
             continue
-        width = initializers[norm[0]].dims[0]
+        width = initializers[source].dims[-1]
         if all(_reads_as_weight_matmul(mm, node.output[0], width, nodes, initializers, readers) for mm in matmuls):
-            groups.append(SmoothGroup(node.output[0], norm[0], tuple(mm.name for mm in matmuls),
+            groups.append(SmoothGroup(node.output[0], source, tuple(mm.name for mm in matmuls),
                                       tuple(mm.input[1] for mm in matmuls)))
     return groups
+
+
+def _value_readers(tensor: str, readers: dict) -> list:
+    return [r for r in readers.get(tensor, []) if r.op_type not in SHAPE_ONLY]
+
+
+def _scale_source(mul, initializers: dict, readers: dict, producers: dict, outputs: set[str]) -> str | None:
+    """The initializer whose last axis can absorb ``1 / s`` for the output of ``mul``: a norm's per-channel weight
+    (``r * g``), or the weight of a MatMul whose output only this Mul reads (the MLP's ``act(x Wg) * (x Wu)``:
+    dividing column j of ``Wu`` divides channel j of the product)."""
+    from onnx import TensorProto
+
+    def own_float(name: str, rank: int) -> bool:
+        tensor = initializers.get(name)
+        return (tensor is not None and tensor.data_type == TensorProto.FLOAT and len(tensor.dims) == rank
+                and tensor.dims[-1] > 1 and len(readers[name]) == 1)
+
+    norms = [name for name in mul.input if own_float(name, 1)]
+    if norms:
+        return norms[0] if len(norms) == 1 else None
+    for name in mul.input:
+        producer = producers.get(name)
+        if (producer is not None and producer.op_type == "MatMul" and len(producer.input) == 2
+                and own_float(producer.input[1], 2) and name not in outputs
+                and [r.name for r in _value_readers(name, readers)] == [mul.name] and list(mul.input).count(name) == 1):
+            return producer.input[1]
+    return None
 
 
 def _reads_as_weight_matmul(node, activation: str, width: int, nodes: set[str], initializers: dict,
@@ -124,8 +154,8 @@ def smooth_initializers(model, groups: list[SmoothGroup], maxima: dict[str, np.n
         weights = [numpy_helper.to_array(initializers[name]).astype(np.float64) for name in group.weights]
         weight_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
         scales = smoothing_scales(maxima[group.activation], weight_max, alpha)
-        norm = numpy_helper.to_array(initializers[group.norm_weight]).astype(np.float64)
-        replace(group.norm_weight, norm / scales)
+        source = numpy_helper.to_array(initializers[group.source]).astype(np.float64)
+        replace(group.source, source / scales)  # a norm weight (K,) or an up projection's columns (K_in, K)
         for name, weight in zip(group.weights, weights, strict=True):
             replace(name, weight * scales[:, None])
         summary[group.activation] = {"matmuls": len(group.matmuls),

@@ -264,9 +264,9 @@ def test_smoothing_keeps_the_float_function_and_changes_the_weights(outlier_onnx
 
     model = onnx.load(str(outlier_onnx / "model.onnx"))
     groups = smoothable_groups(model, {mm.node for mm in weight_matmuls(model)})
-    # two norms per layer: q/k/v read the input norm, gate/up the post-attention norm; the final norm feeds the
-    # tied head (not a smoothable weight) and down_proj reads no norm
-    assert sorted(len(g.matmuls) for g in groups) == [2, 2, 3, 3]
+    # per layer: q/k/v read the input norm, gate/up the post-attention norm, down_proj the MLP product (scaled
+    # through up_proj's columns); the final norm feeds the tied head (not a smoothable weight)
+    assert sorted(len(g.matmuls) for g in groups) == [1, 1, 2, 2, 3, 3]
     runner = OrtCausalLM(outlier_onnx)
     samples = _calibration_inputs(runner, _config(tiny_text_file))
     feeds = [runner._feeds(ids, None, None, None) for ids in samples]
@@ -276,7 +276,7 @@ def test_smoothing_keeps_the_float_function_and_changes_the_weights(outlier_onnx
     summary = smooth_initializers(model, groups, maxima, alpha=0.8)
     assert all(s["smoothed_max_ratio"] < s["activation_max_ratio"] for s in summary.values())
     after = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    changed = [g.norm_weight for g in groups if not np.allclose(before[g.norm_weight], after[g.norm_weight])]
+    changed = [g.source for g in groups if not np.allclose(before[g.source], after[g.source])]
     assert len(changed) == len(groups)
     (tmp_path / "smoothed").mkdir()
     for item in outlier_onnx.iterdir():
@@ -291,12 +291,12 @@ def test_smoothing_keeps_the_float_function_and_changes_the_weights(outlier_onnx
 
 @pytest.mark.parametrize("mode", ["int8-dynamic", "int8-static"])
 def test_smoothing_raises_int8_quality_on_outlier_channels(outlier_onnx, tiny_text_file, tmp_path, mode):
-    plain = quantize_onnx(outlier_onnx, tmp_path / "plain", _config(tiny_text_file, mode=mode, snr_floor_db=0))
-    smooth = quantize_onnx(outlier_onnx, tmp_path / "smooth", _config(tiny_text_file, mode=mode, snr_floor_db=0,
-                                                                       smooth_alpha=0.8))
+    common = {"mode": mode, "snr_floor_db": 0, "keep_float": ("down_proj",)}  # the outliers are in the norms
+    plain = quantize_onnx(outlier_onnx, tmp_path / "plain", _config(tiny_text_file, **common))
+    smooth = quantize_onnx(outlier_onnx, tmp_path / "smooth", _config(tiny_text_file, **common, smooth_alpha=0.8))
     assert plain["smoothing"] is None
     assert smooth["smoothing"]["groups"] == 4 and smooth["smoothing"]["matmuls"] == 10
-    assert smooth["quantized_matmuls"] == plain["quantized_matmuls"] == 14
+    assert smooth["quantized_matmuls"] == plain["quantized_matmuls"] == 12
     assert smooth["logits_snr_db"] > plain["logits_snr_db"] + 3.0, (plain["logits_snr_db"], smooth["logits_snr_db"])
     assert not [p for p in (tmp_path / "smooth").iterdir() if p.name.startswith(".")]  # no probe or stage left
 
@@ -304,10 +304,14 @@ def test_smoothing_raises_int8_quality_on_outlier_channels(outlier_onnx, tiny_te
 def test_smoothing_only_touches_groups_being_quantized(outlier_onnx, sliced_onnx, tiny_text_file, tmp_path):
     kept = quantize_onnx(outlier_onnx, tmp_path / "kept", _config(tiny_text_file, mode="int8-dynamic",
                                                                    keep_float=("q_proj",), smooth_alpha=0.5))
-    assert kept["smoothing"]["groups"] == 2 and kept["smoothing"]["matmuls"] == 4  # gate/up only
+    assert kept["smoothing"]["groups"] == 4 and kept["smoothing"]["matmuls"] == 6  # gate/up and down_proj
+    no_down = quantize_onnx(outlier_onnx, tmp_path / "no-down", _config(
+        tiny_text_file, mode="int8-dynamic", keep_float=("down_proj",), smooth_alpha=0.5))
+    assert no_down["smoothing"]["groups"] == 4 and no_down["smoothing"]["matmuls"] == 10  # q/k/v and gate/up
     sliced = quantize_onnx(sliced_onnx, tmp_path / "sliced", _config(tiny_text_file, mode="int8-dynamic",
                                                                      smooth_alpha=0.5))
-    assert sliced["smoothing"]["groups"] == 0  # a slice's norms are weight-free: their scales are in the weights
+    # a slice's norms are weight-free (their scales are in the weights): only the MLP products are left
+    assert sliced["smoothing"]["groups"] == 2 and sliced["smoothing"]["matmuls"] == 2
 
 
 def test_smoothing_settings_are_checked(tmp_path):
