@@ -89,9 +89,9 @@ class QuantConfig:
     # (QLinearMatMul nodes with uint8 activations). Measured on SmolLM2 CPU: onnxruntime fuses only the o_proj QDQ
     # MatMuls, so QDQ decodes at 3-4 tok/s; QOperator is benchmarks/results/onnx_runtime_cpu_smollm2.md's note.
     static_format: str = "qdq"
-    # INT8 modes: SmoothQuant strength (smooth.py), moving outlier channels of norm outputs into the weights that
-    # read them, measured on the calibration text. None: off. Only graphs whose norms carry a weight have any
-    # (dense models; a slice's norms are weight-free).
+    # INT8 modes: SmoothQuant strength (smooth.py), moving outlier channels of norm outputs (and of the MLP product
+    # read by down_proj, when that is quantized) into the weights that read them, with channel maxima measured on
+    # the calibration text. None: off. A slice's norms are weight-free: only its MLP products qualify.
     smooth_alpha: float | None = None
     calib: str = "builtin"  # text for int8-static ranges, GPTQ's Gram matrices and the quality gate
     calib_samples: int = 8

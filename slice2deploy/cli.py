@@ -131,9 +131,9 @@ def _quantize_parser(sub) -> None:
     parser.add_argument("--static-format", default="qdq", choices=["qdq", "qoperator"],
                         help="int8-static graph: QDQ pairs (default) or QLinearMatMul nodes (uint8 activations)")
     parser.add_argument("--smooth-alpha", type=float, default=None, metavar="A",
-                        help="INT8 modes: SmoothQuant, moving outlier channels of norm outputs into the weights "
-                             "(strength A in (0, 1), 0.8 measured best on SmolLM2; max |activation| per channel "
-                             "from --calib text); default off")
+                        help="INT8 modes: SmoothQuant, moving outlier channels of norm outputs and MLP products "
+                             "into the weights that read them (strength A in (0, 1), 0.8 measured best on SmolLM2; "
+                             "max |activation| per channel from --calib text); default off")
     parser.add_argument("--gptq-samples", type=int, default=32, help="GPTQ calibration sequences (default 32)")
     parser.add_argument("--gptq-seqlen", type=int, default=512, help="GPTQ calibration tokens per sequence")
     parser.add_argument("--quantize-head", action="store_true", help="also quantize an untied lm_head")

@@ -175,8 +175,10 @@ def test_cli_quantize_then_info_and_eval(dense_onnx, tiny_text_file, tmp_path, c
 
     out = tmp_path / "cli-int8"
     assert main(["quantize", str(dense_onnx), "-o", str(out), "--mode", "int8-dynamic", "--calib",
-                 str(tiny_text_file), "--calib-samples", "2", "--calib-seqlen", "16"]) == 0
-    assert "MatMuls quantized" in capsys.readouterr().out
+                 str(tiny_text_file), "--calib-samples", "2", "--calib-seqlen", "16", "--smooth-alpha", "0.8"]) == 0
+    printed = capsys.readouterr().out
+    assert "MatMuls quantized" in printed and "SmoothQuant (alpha 0.8): 12 MatMuls in 6 groups smoothed" in printed
+    assert json.loads((out / QUANT_MANIFEST).read_text())["config"]["smooth_alpha"] == 0.8
     assert main(["info", str(out)]) == 0
     assert "onnx" in capsys.readouterr().out
     assert main(["eval", str(out), "--data", str(tiny_text_file), "--seqlen", "16", "--json"]) == 0
