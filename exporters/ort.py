@@ -76,13 +76,13 @@ def check_onnx_dir(directory: str | Path) -> Path:
     return model
 
 
-def _nodes(graph) -> Iterator:
+def all_nodes(graph) -> Iterator:
     """Every node of ``graph``, those of its subgraphs (If branches, loop bodies) included."""
     for node in graph.node:
         yield node
         for attribute in node.attribute:
             for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-                yield from _nodes(subgraph)
+                yield from all_nodes(subgraph)
 
 
 def graph_summary(model_path: str | Path) -> dict:
@@ -99,7 +99,7 @@ def graph_summary(model_path: str | Path) -> dict:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             external.update(e.value for e in tensor.external_data if e.key == "location")
     ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}:{n.op_type}"
-                  for n in _nodes(model.graph))
+                  for n in all_nodes(model.graph))
     return {
         "ops": dict(sorted(ops.items())),
         "nodes": sum(ops.values()),

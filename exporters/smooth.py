@@ -29,6 +29,7 @@ import numpy as np
 
 from slice2deploy.utils import UserInputError
 
+from .ort import all_nodes
 from .probe import probe_activations
 
 SHAPE_ONLY = ("Shape", "Size")  # readers of a tensor's shape alone: unaffected by scaling its values
@@ -45,20 +46,12 @@ class SmoothGroup:
     weights: tuple[str, ...]
 
 
-def _all_nodes(graph):
-    for node in graph.node:
-        yield node
-        for attribute in node.attribute:
-            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
-                yield from _all_nodes(sub)
-
-
 def smoothable_groups(model, nodes: set[str]) -> list[SmoothGroup]:
     """The groups of ``model`` (loaded with or without external data) whose MatMuls are all in ``nodes``."""
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     readers: dict[str, list] = {}
-    for node in _all_nodes(graph):
+    for node in all_nodes(graph):
         for name in node.input:
             readers.setdefault(name, []).append(node)
     producers = {out: node for node in graph.node for out in node.output}
