@@ -198,8 +198,8 @@ class FlatCacheCausalLM(nn.Module):
         # No config: every layer keeps its whole past (a sliding window lives in the mask, not in the cache).
         cache = DynamicCache(list(zip(past[0::2], past[1::2], strict=True)) if past else None)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1 if self.last_logits else 0)
-        presents = [t for layer in out.past_key_values.layers[: self.num_layers] for t in (layer.keys, layer.values)]
+                         cache=cache, use_cache=True, logits_to_keep=1 if self.last_logits else 0)
+        presents = [t for layer in out.cache.layers[: self.num_layers] for t in (layer.keys, layer.values)]
         return (out.logits, *presents)
 
 
@@ -447,8 +447,9 @@ def export_pretrained(spec: str, out_dir: str | Path, config: OnnxExportConfig |
     from slice2deploy.api import load
 
     config = config or OnnxExportConfig()
+    require_onnx()  # fail before loading: the parity gate needs onnx and ONNX Runtime
     if config.attention is AttentionKind.FUSED:
-        fused_attention.require_support()  # fail before loading
+        fused_attention.require_support()
     check_output_dir(out_dir, overwrite)
     model, tokenizer, resolved = load(spec, config.dtype.value, "cpu", trust_remote_code)
     source = {"spec": spec, "kind": resolved.kind, "path": resolved.path, "gguf_file": resolved.gguf_file,

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .utils import Slice2DeployError
+from .utils import Slice2DeployError, missing_dependency_message
 
 DEFAULT_REFIT_RIDGE = 1e-3  # measured on SmolLM2 (benchmarks/results/slicing_modes_smollm2.md)
 MODEL_HELP = "built-in alias (smollm2-135m), Hugging Face hub id, local model directory or .gguf file"
@@ -321,6 +321,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except Slice2DeployError as error:
         print(f"slice2deploy {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:  # an optional dependency imported lazily deep inside a command
+        message = missing_dependency_message(error.name or "")
+        if message is None:
+            raise
+        print(f"slice2deploy {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)

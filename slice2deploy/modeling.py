@@ -269,10 +269,10 @@ class SlicedForCausalLM(SlicedPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module | None:
         return None  # the head may be tied through TiedLMHead; resizing is not supported
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
         return self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                         cache=cache, inputs_embeds=inputs_embeds, labels=labels,
                          use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
 
 

@@ -23,6 +23,26 @@ class IntegrityError(Slice2DeployError):
     """A file's content does not match its recorded hash."""
 
 
+# Optional modules and the extra of pyproject.toml that installs each (top-level import name -> extra).
+OPTIONAL_EXTRAS: dict[str, str] = {
+    "onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx", "onnx_ir": "onnx",
+    "matplotlib": "plot",
+    "datasets": "eval", "lm_eval": "eval",
+    "pynvml": "gpu",
+    "psutil": "dev", "pytest": "dev",
+}
+
+
+def missing_dependency_message(module: str) -> str | None:
+    """One line naming the extra that installs ``module`` (a top-level import name), or None if it is not ours."""
+    top = module.split(".", 1)[0]
+    extra = OPTIONAL_EXTRAS.get(top)
+    if extra is None:
+        return None
+    return f"the Python package '{top}' is not installed; install it with: pip install -e \".[{extra}]\" " \
+           f"(or pip install 'slice2deploy[{extra}]')"
+
+
 def cache_dir() -> Path:
     """Root of slice2deploy's download/conversion cache (``$SLICE2DEPLOY_CACHE`` or ``~/.cache/slice2deploy``)."""
     root = os.environ.get("SLICE2DEPLOY_CACHE") or os.path.join(

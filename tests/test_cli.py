@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,32 @@ def test_cuda_without_gpu(tiny_llama_dir, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     _fails(["eval", str(tiny_llama_dir), "--device", "cuda"], capsys, "no CUDA GPU")
+
+
+def test_missing_optional_dependency_names_its_extra(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """A command whose optional dependency is absent ends with one line naming the extra, exit 2, nothing written."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ModuleNotFoundError
+    out = tmp_path / "onnx"
+    assert main(["export", "onnx", str(tiny_llama_dir), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("slice2deploy export: error:") and "[onnx]" in err[0], err
+    assert not out.exists()
+
+
+def test_missing_module_deep_in_a_command_is_one_line(monkeypatch, capsys):
+    """The CLI's last line of defence: any lazily imported optional module maps to its extra, not a traceback."""
+    import argparse
+
+    import slice2deploy.cli as cli
+
+    def needs_matplotlib(args):
+        import matplotlib  # noqa: F401
+
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(handler=needs_matplotlib, command="report")
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("slice2deploy report: error: the Python package 'matplotlib' is not installed; install it with: "
+                   "pip install -e \".[plot]\" (or pip install 'slice2deploy[plot]')")

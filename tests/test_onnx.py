@@ -77,8 +77,8 @@ def _torch_step(model, ids, mask, positions, past=None):
     cache = DynamicCache([(torch.from_numpy(k), torch.from_numpy(v)) for k, v in past] if past else None)
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                    position_ids=torch.from_numpy(positions), past_key_values=cache, use_cache=True)
-    return out.logits.numpy(), [(layer.keys.numpy(), layer.values.numpy()) for layer in out.past_key_values.layers]
+                    position_ids=torch.from_numpy(positions), cache=cache, use_cache=True)
+    return out.logits.numpy(), [(layer.keys.numpy(), layer.values.numpy()) for layer in out.cache.layers]
 
 
 def _max_diffs(expected, actual) -> list[float]:

@@ -157,8 +157,8 @@ def _torch_runner(artifact: str, precision: str, device: str) -> Runner:
 
     @torch.no_grad()
     def forward(ids: np.ndarray, past: Any) -> tuple[Any, Any]:
-        out = model(input_ids=torch.as_tensor(ids, device=device), past_key_values=past, use_cache=True)
-        return out.logits, out.past_key_values
+        out = model(input_ids=torch.as_tensor(ids, device=device), cache=past, use_cache=True)
+        return out.logits, out.cache
 
     path = Path(resolved.path) / resolved.gguf_file if resolved.gguf_file else Path(resolved.path)
     from ..sources import converted_dir
