@@ -14,7 +14,7 @@ import torch
 from .checkpoint import MANIFEST_FILE, read_manifest, save_sliced, versions
 from .evaluate import count_parameters, perplexity
 from .slicing import SliceConfig, slice_model
-from .utils import UserInputError, check_output_dir, sha256_bytes
+from .utils import Slice2DeployError, UserInputError, check_output_dir, sha256_bytes
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -55,6 +55,19 @@ def model_context(config) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def parameter_dtype(model: torch.nn.Module) -> str:
+    """The one floating-point dtype of ``model``'s parameters (``"float16"``, ...).
+
+    Raises:
+        Slice2DeployError: the parameters are in more than one dtype (a model that would not run as reported).
+    """
+    found = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
+    if len(found) != 1:
+        raise Slice2DeployError(f"the model's parameters are in several dtypes ({', '.join(found)}); "
+                                "this is a slice2deploy bug, please report it")
+    return found[0]
 
 
 def load(spec: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
@@ -195,6 +208,7 @@ def evaluate_pretrained(model_spec: str, data: str = "builtin", seqlen: int = 51
         model, tokenizer, resolved = load(model_spec, dtype, device, trust_remote_code)
         context, evaluate = model_context(model.config), functools.partial(perplexity, model)
         parameters, backend, library_versions = count_parameters(model)["total"], "pytorch", versions()
+        dtype = parameter_dtype(model)  # report what runs, not what was asked
     if context is not None and seqlen > context:
         raise UserInputError(f"seqlen {seqlen} exceeds the model's context of {context} tokens")
     text = load_text(data, "evaluation")

@@ -248,11 +248,15 @@ class SlicedForCausalLM(SlicedPreTrainedModel, GenerationMixin):
         super().__init__(config)
         given_base = base is not None
         if base is None:
-            base_kwargs = {k: v for k, v in config.base_config.items() if k not in ("model_type", "auto_map")}
+            skip = ("model_type", "auto_map", "dtype", "torch_dtype")
+            base_kwargs = {k: v for k, v in config.base_config.items() if k not in skip}
             base_config = AutoConfig.for_model(config.base_config["model_type"], **base_kwargs)
             base_config.tie_word_embeddings = False  # a tie is kept by TiedLMHead, not by transformers
             attn = getattr(config, "_attn_implementation", None)
-            base = AutoModelForCausalLM.from_config(base_config, **({"attn_implementation": attn} if attn else {}))
+            # from_pretrained(dtype=...) builds the model under that default dtype; the source config's recorded
+            # dtype must not override it, or the weights would be cast back to the dtype the slice was saved in
+            base = AutoModelForCausalLM.from_config(base_config, dtype=torch.get_default_dtype(),
+                                                    **({"attn_implementation": attn} if attn else {}))
         else:  # an already sliced model: its weights are final, and any tie is TiedLMHead's business
             base.config.tie_word_embeddings = False
             base.all_tied_weights_keys = {}

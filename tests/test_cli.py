@@ -50,6 +50,14 @@ def test_info_eval_generate(sliced_dir, tiny_text_file, capsys):
     assert capsys.readouterr().out.startswith("the river")
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_eval_reports_the_dtype_that_ran(sliced_dir, tiny_text_file, capsys, dtype):
+    argv = ["eval", str(sliced_dir), "--data", str(tiny_text_file), "--seqlen", "16", "--json", "--dtype", dtype]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dtype"] == dtype and result["perplexity"] > 1
+
+
 def test_eval_windows_cover_the_text(tiny_llama_dir, tiny_text_file, capsys):
     assert main(["eval", str(tiny_llama_dir), "--data", str(tiny_text_file), "--seqlen", "16", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -187,3 +187,34 @@ def test_incoherence_rotation_keeps_the_function_and_spreads_outliers(model_type
     # PCA piles the variance onto the first coordinates; the rotation spreads it (max/mean of column energy)
     energy_plain, energy_rotated = a.pow(2).sum(0), b.pow(2).sum(0)
     assert (energy_rotated.max() / energy_rotated.mean()) < (energy_plain.max() / energy_plain.mean())
+
+
+def _float_dtypes(model: torch.nn.Module) -> set[torch.dtype]:
+    """Dtypes of the parameters (buffers such as RoPE's inv_freq stay float32 in transformers' own models too)."""
+    return {p.dtype for p in model.parameters() if p.is_floating_point()}
+
+
+@pytest.mark.parametrize("tie", ["keep", "untie"])
+@pytest.mark.parametrize("saved", [torch.float32, torch.bfloat16])
+def test_checkpoint_loads_and_runs_in_the_dtype_asked_for(tmp_path, model_type, tie, saved):
+    """Every parameter follows from_pretrained(dtype=...) and .to()/.half(), whatever dtype the slice was saved in."""
+    sliced = _sliced(model_type, tie=tie)
+    ids = _calibration(sliced, n=1, length=8, seed=2)
+    with torch.no_grad():
+        reference = sliced(input_ids=ids).logits
+    save_sliced(sliced.to(saved), None, tmp_path / "ckpt", {})
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=dtype)
+        assert _float_dtypes(loaded) == {dtype}, (dtype, _float_dtypes(loaded))
+        with torch.no_grad():
+            logits = loaded(input_ids=ids).logits
+        assert logits.dtype == dtype
+        scale = reference.abs().max()
+        tol = 1e-5 if dtype == saved == torch.float32 else 0.1
+        assert ((logits.float() - reference).abs().max() / scale) < tol
+    for convert, dtype in ((lambda m: m.half(), torch.float16), (lambda m: m.to(torch.bfloat16), torch.bfloat16),
+                           (lambda m: m.float(), torch.float32)):
+        converted = convert(AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt"))
+        assert _float_dtypes(converted) == {dtype}
+        with torch.no_grad():
+            assert converted(input_ids=ids).logits.dtype == dtype
