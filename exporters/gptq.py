@@ -29,7 +29,7 @@ from slice2deploy.utils import Slice2DeployError, UserInputError
 
 from .probe import probe_activations
 
-LAZY_BLOCK = 128  # rows updated lazily per step (the GPTQ paper's batching); a multiple of every block size used
+LAZY_BLOCK = 128  # rows updated lazily per step (the GPTQ paper's batching), rounded up to whole blocks
 CLIP_GRID = np.linspace(1.0, 0.75, 11)  # shrink factors tried for each block's [min, max] range
 
 
@@ -98,8 +98,9 @@ def gptq_quantize(weight: np.ndarray, gram: np.ndarray, block_size: int, bits: i
     k, n = weight.shape
     if gram.shape != (k, k):
         raise Slice2DeployError(f"GPTQ: Gram matrix {gram.shape} does not match the weight's K = {k}")
-    if k % block_size or LAZY_BLOCK % block_size:
-        raise UserInputError(f"GPTQ: block size {block_size} must divide K = {k} and {LAZY_BLOCK}")
+    if k % block_size:
+        raise UserInputError(f"GPTQ: block size {block_size} must divide K = {k}")
+    lazy = -(-LAZY_BLOCK // block_size) * block_size  # a whole number of quantization blocks per lazy batch
     top = 2**bits - 1
     w = weight.T.astype(np.float64).copy()  # N x K: GPTQ walks the input dimension (columns here)
     w[:, np.diag(gram) == 0] = 0.0
@@ -107,8 +108,8 @@ def gptq_quantize(weight: np.ndarray, gram: np.ndarray, block_size: int, bits: i
     codes = np.zeros((n, k), dtype=np.uint8)
     scales = np.zeros((n, k // block_size))
     zeros = np.zeros((n, k // block_size))
-    for start in range(0, k, LAZY_BLOCK):
-        stop = min(start + LAZY_BLOCK, k)
+    for start in range(0, k, lazy):
+        stop = min(start + lazy, k)
         w1, err1, h1 = w[:, start:stop].copy(), np.zeros((n, stop - start)), hinv[start:stop, start:stop]
         for i in range(stop - start):
             column = start + i

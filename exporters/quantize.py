@@ -58,6 +58,12 @@ class Int4Method(str, Enum):
 SNR_FLOOR_DB = {QuantMode.INT8_DYNAMIC: 15.0, QuantMode.INT8_STATIC: 10.0, QuantMode.INT4: 8.0}
 
 
+# Block sizes ONNX Runtime's blockwise quantizer (MLAS; behind RTN, HQQ and the 8-bit blocks) accepts, 4-bit and
+# 8-bit alike: any other size dies there ("Only block sizes 16, 32, 64, 128, 256 are supported"). Our GPTQ packer
+# could write others, but one set for every method keeps a block size portable between them.
+MATMUL_NBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
 class QuantQualityError(Slice2DeployError):
     """The quantized model's logits fell below the signal-to-noise floor."""
 
@@ -121,8 +127,9 @@ class QuantConfig:
             raise UserInputError(f"{error}; modes: {', '.join(m.value for m in QuantMode)}; int4 methods: "
                                  f"{', '.join(m.value for m in Int4Method)}; shortcut policies: "
                                  f"{', '.join(m.value for m in ShortcutPolicy)}") from error
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise UserInputError(f"block size must be a power of two >= 16, got {self.block_size}")
+        if self.block_size not in MATMUL_NBITS_BLOCK_SIZES:
+            raise UserInputError(f"block size {self.block_size} is not one ONNX Runtime's block quantizer takes; "
+                                 f"choose one of {', '.join(map(str, MATMUL_NBITS_BLOCK_SIZES))}")
         if min(self.calib_samples, self.gptq_samples) < 1 or min(self.calib_seqlen, self.gptq_seqlen) < 2:
             raise UserInputError("calibration needs at least 1 sample of at least 2 tokens")
         if self.gptq_first_token_weight is not None and self.gptq_first_token_weight <= 0:

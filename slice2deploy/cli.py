@@ -125,7 +125,9 @@ def _quantize_parser(sub) -> None:
     parser.add_argument("-o", "--output", required=True)
     parser.add_argument("--mode", required=True, choices=["int8-dynamic", "int8-static", "int4"])
     parser.add_argument("--block-size", type=int, default=32,
-                        help="INT4 block size along K (default 32); slice with --round-to equal to it")
+                        help="block size along K of INT4 and of the 8-bit blocks (--weight-int8, shortcuts): 16, 32, "
+                             "64, 128 or 256, the sizes ONNX Runtime's block quantizer takes (default 32); every "
+                             "quantized input width K must be a multiple of it: slice with --round-to equal to it")
     parser.add_argument("--method", default="rtn", choices=["rtn", "hqq", "gptq"],
                         help="INT4 weight quantizer (default rtn); gptq measures input Gram matrices on --calib text")
     parser.add_argument("--static-format", default="qdq", choices=["qdq", "qoperator"],

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from exporters.gptq import dequantize, gptq_quantize, probe_grams, replace_with_nbits, rtn_quantize
-from exporters.quantize import QuantConfig
+from exporters.quantize import MATMUL_NBITS_BLOCK_SIZES, QuantConfig
 from slice2deploy.utils import UserInputError
 
 
@@ -43,6 +43,47 @@ def test_nbits_packing_runs_in_onnxruntime_as_dequantized(k):
     expected = x @ dequantize(codes, scales, zeros, 16)
     np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
     assert 0 < np.abs(dequantize(codes, scales, zeros, 16) - weight).max() < 0.5 * np.abs(weight).max()
+
+
+@pytest.mark.parametrize("block", MATMUL_NBITS_BLOCK_SIZES)
+def test_every_accepted_block_size_runs_in_onnxruntime(block):
+    """The block sizes QuantConfig admits are the ones ONNX Runtime's kernels run (GPTQ's lazy batch included)."""
+    k = 512
+    rng = np.random.default_rng(block)
+    weight = rng.standard_normal((k, 16)).astype(np.float32)
+    x = _correlated_inputs(rng, 32, k)
+    QuantConfig(mode="int4", method="gptq", block_size=block)  # admitted
+    codes, scales, zeros = gptq_quantize(weight, x.T.astype(np.float64) @ x, block_size=block)
+    model = _matmul_model(weight)
+    replace_with_nbits(model, "mm", codes, scales, zeros, block_size=block, accuracy_level=None)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = x @ dequantize(codes, scales, zeros, block)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_accepted_block_sizes_are_those_onnxruntime_quantizes(bits):
+    """ONNX Runtime's blockwise quantizer (MLAS: RTN, HQQ and the 8-bit blocks) takes exactly these sizes."""
+    from onnxruntime.capi import _pybind_state as ort_c
+
+    quantize = getattr(ort_c, f"quantize_matmul_{bits}bits")
+    k, n = 512, 8
+    weight = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
+    for block in (8, *MATMUL_NBITS_BLOCK_SIZES, 512):
+        blocks = k // block
+        packed = np.zeros((n, blocks, block * bits // 8), dtype=np.uint8)
+        scales = np.zeros(n * blocks, np.float32)
+        zeros = np.zeros(n * -(-blocks * bits // 8), np.uint8)
+        try:
+            quantize(packed, weight, scales, zeros, block, n, k, True)
+            runs = True
+        except Exception as error:
+            assert "block size" in str(error)
+            runs = False
+        assert runs == (block in MATMUL_NBITS_BLOCK_SIZES), block
+        if not runs:
+            with pytest.raises(UserInputError, match="16, 32, 64, 128, 256"):
+                QuantConfig(mode="int4", block_size=block)
 
 
 def test_gptq_lowers_the_output_error_below_round_to_nearest():

@@ -161,8 +161,9 @@ def test_quality_floor_rejects_and_writes_nothing(dense_onnx, tiny_text_file, tm
 def test_bad_inputs(dense_onnx, tiny_text_file, tmp_path):
     with pytest.raises(UserInputError, match="int8-dynamic"):
         QuantConfig(mode="int3")
-    with pytest.raises(UserInputError, match="power of two"):
-        QuantConfig(mode="int4", block_size=24)
+    for bad in (8, 24, 512):
+        with pytest.raises(UserInputError, match="16, 32, 64, 128, 256"):
+            QuantConfig(mode="int4", block_size=bad)
     with pytest.raises(UserInputError, match="differ from the input"):
         quantize_onnx(dense_onnx, dense_onnx, _config(tiny_text_file))
     (tmp_path / "empty").mkdir()
