@@ -100,11 +100,21 @@ def _installed(python: Path) -> dict[str, str]:
     return {name.lower().replace("_", "-"): version for name, version in pins}
 
 
+def _marker_holds(marker: str) -> bool:
+    """Whether a lock line's environment marker (``python_full_version < '3.12'``) holds for this interpreter."""
+    try:
+        from packaging.markers import Marker
+    except ImportError:
+        from pip._vendor.packaging.markers import Marker
+    return Marker(marker).evaluate()
+
+
 def _locked() -> dict[str, str]:
+    """The pins of constraints.txt that apply to this interpreter."""
     pins = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
-        match = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)", line)
-        if match:
+        match = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)\s*(?:;\s*(.+))?$", line)
+        if match and (match[3] is None or _marker_holds(match[3])):
             pins[match[1].lower().replace("_", "-")] = match[2]
     return pins
 
@@ -119,25 +129,28 @@ def check(resolution: str, torch: str, keep_cache: bool, strict_warnings: bool) 
     env = dict(os.environ)
     if not keep_cache:
         env["SLICE2DEPLOY_CACHE"] = str(work / "cache")
-    venv = work / "venv"
+    venv, src = work / "venv", work / "src"
     steps: list[tuple[str, int, float, str]] = []
-    rc, log, secs = _run([sys.executable, "-m", "venv", str(venv)])
+    # a fresh clone of the committed tree, as CI sees it (uncommitted edits are not tested)
+    rc, log, secs = _run(["git", "clone", "--quiet", str(ROOT), str(src)])
+    if rc == 0:
+        rc, log, secs = _run([sys.executable, "-m", "venv", str(venv)])
     python = venv / "bin" / "python"
     if rc == 0:
         install = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
                    *_install_args(resolution, torch, work)]
-        rc, log, secs = _run(install, env)
+        rc, log, secs = _run(install, env, cwd=src)
     steps.append((f"install ({resolution})", rc, secs, log))
     if rc == 0:
         pytest = [str(python), "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider"]
         if strict_warnings:
             pytest += ["-W", "error::FutureWarning", "-W", "error::DeprecationWarning:slice2deploy",
                        "-W", "error::DeprecationWarning:exporters"]
-        rc_tests, log_tests, secs_tests = _run(pytest, env)
+        rc_tests, log_tests, secs_tests = _run(pytest, env, cwd=src)
         steps.append(("fast tests", rc_tests, secs_tests, log_tests))
     if rc == 0:
         smoke = [str(venv / "bin" / "slice2deploy"), *SMOKE]
-        rc_smoke, log_smoke, secs_smoke = _run(smoke, env)
+        rc_smoke, log_smoke, secs_smoke = _run(smoke, env, cwd=src)
         steps.append(("smoke: slice2deploy " + " ".join(SMOKE), rc_smoke, secs_smoke, log_smoke))
     installed = _installed(python) if python.exists() else {}
     report = _report(resolution, torch, steps, installed, not keep_cache)
@@ -149,7 +162,7 @@ def _report(resolution: str, torch: str, steps: list, installed: dict[str, str],
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# Dependency check: `{resolution}` ({now})", "",
              f"`python benchmarks/dependency_check.py --resolution {resolution}` on {platform.platform()}, "
-             f"Python {platform.python_version()}, torch pinned to {torch}; fresh venv"
+             f"Python {platform.python_version()}, torch pinned to {torch}; fresh clone of HEAD, fresh venv"
              f"{', empty model cache' if fresh_cache else ''}.", "",
              "| step | result | seconds | last line |", "|---|---|---:|---|"]
     for name, rc, secs, log in steps:
