@@ -10,14 +10,17 @@ linear that touches the stream by ridge regression, stage by stage:
   onto the teacher's residual in the kept basis, so each writer also corrects what earlier layers got wrong;
 - the head: the teacher's logits from the sliced final normed stream.
 
-With an orthogonal basis of full width every regression has an exact solution, the rotated weights themselves,
-so refit changes nothing there (tested). At k < d it changes the function: it is an option, and its gain is
+Every regression is a ridge regression shrunk towards the weight slicing left (not towards zero): with an
+orthogonal basis of full width each has an exact solution, the rotated weights themselves, so refit changes
+nothing there for any ridge and any amount of calibration (tested), and directions the calibration tokens do
+not cover keep their sliced weights. At k < d it changes the function: it is an option, and its gain is
 measured on held-out text (``benchmarks/slicing_modes.py``).
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -48,17 +51,27 @@ class _Normal:
         self.gram += x.T @ x
         self.cross += x.T @ y
 
-    def solve(self, ridge: float, right: torch.Tensor | None = None) -> torch.Tensor:
-        """``(gram + λI)⁻¹ cross [right]`` with ``λ = ridge · mean(diag gram)``: (inputs × outputs)."""
+    def solve(self, ridge: float, prior: torch.Tensor, right: torch.Tensor | None = None) -> torch.Tensor:
+        """``argmin ‖x W − y [right]‖² + λ‖W − prior‖²`` = ``(gram + λI)⁻¹ (cross [right] + λ prior)``.
+
+        ``λ = ridge · mean(diag gram)``; ``prior`` (inputs × outputs) is the weight before refit (the rotated,
+        sliced one). Shrinking towards it rather than towards zero keeps every direction the calibration tokens
+        do not cover as slicing left it, and leaves an exact solution (full width) unchanged for any ridge.
+        """
         damping = ridge * torch.diagonal(self.gram).mean().clamp_min(1e-30)
         system = self.gram + damping * torch.eye(self.gram.shape[0], dtype=torch.float64)
         cross = self.cross if right is None else self.cross @ right
-        return torch.linalg.solve(system, cross)
+        return torch.linalg.solve(system, cross + damping * prior.double())
 
 
 def _call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     output = layer(hidden, **kwargs)
     return output[0] if isinstance(output, tuple) else output
+
+
+def _prior(linear: nn.Linear) -> torch.Tensor:
+    """The weight before refit as a regression coefficient (inputs × outputs)."""
+    return linear.weight.detach().double().T
 
 
 def _set_weight(linear: nn.Linear, solution: torch.Tensor) -> None:
@@ -130,14 +143,15 @@ def _refit_stage(teacher_layer: nn.Module, student_layer: nn.Module, stage, batc
         normal.add(norm(h), x_teacher, batch.mask)
     for path in stage.readers:
         teacher_weight = teacher_layer.get_submodule(path).weight.detach().double()  # (out, d)
-        _set_weight(student_layer.get_submodule(path), normal.solve(ridge, teacher_weight.T))
+        reader = student_layer.get_submodule(path)
+        _set_weight(reader, normal.solve(ridge, _prior(reader), teacher_weight.T))
     writer = student_layer.get_submodule(stage.writers[0])
     inputs = _writer_inputs(student_layer, writer, batches, layer_input)
     normal = _Normal.zeros(writer.in_features, basis.shape[1])
     bias = writer.bias.detach() if writer.bias is not None else 0.0
     for batch, a, h, h_teacher in zip(batches, inputs, residual, teacher_residual):
         normal.add(a, (h_teacher.double() @ basis - h.double()) - bias, batch.mask)
-    _set_weight(writer, normal.solve(ridge))
+    _set_weight(writer, normal.solve(ridge, _prior(writer)))
     with torch.no_grad():
         return [h + writer(a) for h, a in zip(residual, inputs)]
 
@@ -150,7 +164,22 @@ def _refit_head(teacher: nn.Module, student: nn.Module, adapter: Adapter, batche
         normal.add(student_norm(h), teacher_norm(h_teacher), batch.mask)
     head = student.get_submodule(adapter.head)
     teacher_weight = teacher.get_submodule(adapter.head).weight.detach().double()  # (vocab, d)
-    _set_weight(head, normal.solve(ridge, teacher_weight.T))
+    _set_weight(head, normal.solve(ridge, _prior(head), teacher_weight.T))
+
+
+def _warn_if_underdetermined(student: nn.Module, adapter: Adapter, tokens: int) -> None:
+    """Warn when there are fewer calibration tokens than a regression has unknowns per output.
+
+    Each regression solves for one coefficient per input (up to the MLP width for down/fc2); with fewer tokens
+    than inputs its Gram matrix is singular and only the ridge prior decides the uncovered directions.
+    """
+    first = adapter.get_layers(student)[0]
+    widest = max(first.get_submodule(stage.writers[0]).in_features for stage in adapter.stages)
+    widest = max(widest, student.get_submodule(adapter.final_norm).weight.shape[0])
+    if tokens < 2 * widest:
+        warnings.warn(f"refit: {tokens} calibration tokens for regressions with up to {widest} inputs; below "
+                      f"{2 * widest} tokens the fit is underdetermined and directions the tokens do not cover keep "
+                      "their sliced weights: calibrate on more tokens (--calib-samples x --calib-seqlen)", stacklevel=3)
 
 
 def refit_uniform(teacher: nn.Module, student: nn.Module, basis: torch.Tensor, input_ids: torch.Tensor,
@@ -166,6 +195,7 @@ def refit_uniform(teacher: nn.Module, student: nn.Module, basis: torch.Tensor, i
         raise RuntimeError("refit needs exactly one writer per stage")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    _warn_if_underdetermined(student, adapter, int(attention_mask.sum()))
     started = time.perf_counter()
     device = next(student.parameters()).device
     basis = basis.to(device=device, dtype=torch.float64)

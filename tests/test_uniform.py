@@ -189,6 +189,21 @@ def test_refit_at_full_width_keeps_the_function(model_type):
     assert _max_rel_diff(reference, logits) <= 1e-4
 
 
+@pytest.mark.parametrize("model_type", RMS_TYPES)
+def test_refit_at_full_width_keeps_the_function_with_the_default_ridge_and_few_tokens(model_type):
+    """The statement holds outside the test's corner: default ridge, calibration smaller than the regressions,
+    logits compared on tokens the refit never saw; the underdetermined fit is warned about."""
+    model = tiny_model(model_type)
+    calibration, held_out = _ids(model, n=2)[:, :8], _ids(model, n=4, seed=7)
+    with torch.no_grad():
+        reference = model(held_out).logits
+    with pytest.warns(UserWarning, match="underdetermined"):
+        sliced = slice_model(model, calibration, None, SliceConfig(mode="uniform", sparsity=0.0, refit=1e-3),
+                             progress=False)
+    with torch.no_grad():
+        assert _max_rel_diff(reference, sliced(held_out).logits) <= 1e-4
+
+
 def _logit_error(model, reference, ids) -> float:
     with torch.no_grad():
         expected = reference(ids).logits
