@@ -436,9 +436,7 @@ def quantize_onnx(source_dir: str | Path, out_dir: str | Path, config: QuantConf
         embedding = None if not config.embedding_dtype else _embedding_name(tmp / MODEL_FILE)
         snr = logits_snr_db(reference, OrtCausalLM(tmp), samples)
         if snr < config.floor:
-            hint = "" if config.keep_float and config.smooth_alpha else (
-                " Models with outlier activations (e.g. SmolLM2's MLP down projection inputs) quantize better with "
-                "keep_float (--keep-float down_proj) and, for INT8, SmoothQuant (--smooth-alpha 0.8).")
+            hint = _refusal_hint(model_path, graph, full, config, reference, samples, tmp)
             raise QuantQualityError(f"{config.mode.value}: logits SNR {snr:.1f} dB is below the floor of "
                                     f"{config.floor:.1f} dB; nothing was written.{hint}")
         manifest = _manifest(source, model_path, tmp, config, full, snr)
@@ -448,6 +446,19 @@ def quantize_onnx(source_dir: str | Path, out_dir: str | Path, config: QuantConf
             "by_activation": smoothing}
         (tmp / QUANT_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def _refusal_hint(model_path: Path, graph, full: QuantPlan, config: QuantConfig, reference: OrtCausalLM,
+                  samples: list[np.ndarray], scratch: Path) -> str:
+    """Mixed-precision advice for this model, from its own MatMul inputs measured on the calibration text."""
+    from .outliers import mixed_precision_hint, outlier_ratios
+
+    quantized = {mm.node for mm in full.chosen}
+    inputs = {node.name: node.input[0] for node in graph.graph.node if node.name in quantized}
+    feeds = [reference._feeds(ids, None, None, None) for ids in samples]
+    ratios = outlier_ratios(model_path, inputs, feeds, scratch, large=_is_large(model_path))
+    return mixed_precision_hint(ratios, int8=config.mode != QuantMode.INT4,
+                                already=(*config.keep_float, *config.weight_int8))
 
 
 def _run_passes(model_path: Path, out: Path, full: QuantPlan, config: QuantConfig, reference: OrtCausalLM,

@@ -81,6 +81,19 @@ def _umask() -> int:
     return current
 
 
+def _ordinary_modes(root: Path) -> None:
+    """Give every file the mode of an ordinary new file (0666 & ~umask; 0777 & ~umask if it was executable).
+
+    Libraries that write through ``mkstemp`` (0600) would otherwise leave some outputs private and others not.
+    """
+    umask = _umask()
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue
+        executable = path.is_dir() or path.stat().st_mode & 0o111
+        os.chmod(path, (0o777 if executable else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``path``, on error it is removed.
@@ -93,6 +106,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result is an ordinary directory
     try:
         yield tmp
+        _ordinary_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

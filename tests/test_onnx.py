@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -302,6 +303,10 @@ def test_external_data_and_its_absence(tmp_path):
     out = tmp_path / "external"
     manifest = export_onnx(model, None, out, OnnxExportConfig(external_data=True))
     assert manifest["external_data"] and (out / DATA_FILE).is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes  # the data file is as readable as the rest
     runner = OrtCausalLM(out)
     assert runner.parameters == sum(p.numel() for p in model.parameters())  # tied head stored once
     (out / DATA_FILE).unlink()

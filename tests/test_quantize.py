@@ -326,3 +326,28 @@ def test_smoothing_settings_are_checked(tmp_path):
         QuantConfig(mode="int8-dynamic", smooth_alpha=1.5)
     assert main(["quantize", str(tmp_path), "-o", str(tmp_path / "o"), "--mode", "int4", "--smooth-alpha",
                  "0.5"]) == 2
+
+
+def test_refusal_hint_names_this_models_outlier_modules(outlier_onnx, tiny_text_file, tmp_path):
+    """The advice comes from the model's own activations (here the attention inputs), not from SmolLM2's."""
+    with pytest.raises(QuantQualityError) as refused:
+        quantize_onnx(outlier_onnx, tmp_path / "o", _config(tiny_text_file, mode="int8-dynamic", snr_floor_db=500))
+    message = str(refused.value)
+    assert "SmolLM2" not in message and "down_proj" not in message, message
+    assert any(f"--keep-float {kind}" in message for kind in ("q_proj", "k_proj", "v_proj")), message
+    assert not (tmp_path / "o").exists() and not list(tmp_path.iterdir())
+
+
+def test_peak_to_rms_and_kinds():
+    import numpy as np
+
+    from exporters.outliers import matmul_kind, mixed_precision_hint, peak_to_typical
+
+    assert matmul_kind("/model/layers.3/mlp/down_proj/MatMul") == "down_proj"
+    assert peak_to_typical(np.ones((4, 8))) == pytest.approx(1.0)
+    channel = np.ones((16, 32))
+    channel[:, 3] = 100.0  # one outlier channel: the typical channel is still 1
+    assert peak_to_typical(channel) == pytest.approx(100.0)
+    hint = mixed_precision_hint([("fc2", 80.0), ("fc1", 5.0)], int8=False)
+    assert "--weight-int8 fc2" in hint and "80x" in hint and "5x" in hint
+    assert mixed_precision_hint([("fc2", 80.0)], int8=True, already=["fc2"]) == ""
