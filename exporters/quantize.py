@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from pathlib import Path
 
@@ -58,6 +58,9 @@ class Int4Method(str, Enum):
 SNR_FLOOR_DB = {QuantMode.INT8_DYNAMIC: 15.0, QuantMode.INT8_STATIC: 10.0, QuantMode.INT4: 8.0}
 
 
+# Block sizes tried, largest first, when none is given: 32 (the common INT4 default) or 16, whichever divides every
+# quantized input width (a default 25 % slice of d = 576 has k = 432 = 27 x 16).
+AUTO_BLOCK_SIZES = (32, 16)
 # Block sizes ONNX Runtime's blockwise quantizer (MLAS; behind RTN, HQQ and the 8-bit blocks) accepts, 4-bit and
 # 8-bit alike: any other size dies there ("Only block sizes 16, 32, 64, 128, 256 are supported"). Our GPTQ packer
 # could write others, but one set for every method keeps a block size portable between them.
@@ -73,7 +76,8 @@ class QuantConfig:
     """How to quantize an exported model; recorded in the output's manifest."""
 
     mode: QuantMode = QuantMode.INT8_DYNAMIC
-    block_size: int = 32  # INT4 only
+    # along K, for INT4 and the 8-bit blocks; None: the largest of AUTO_BLOCK_SIZES dividing every quantized width
+    block_size: int | None = None
     method: Int4Method = Int4Method.RTN  # INT4 only
     quantize_head: bool = False  # the head is the most sensitive layer (and shared with the embedding if tied)
     # The residual shortcut matrices of sliced models sit on the residual path itself, so their errors compound
@@ -110,6 +114,9 @@ class QuantConfig:
     gptq_damp: float = 0.01
     gptq_first_token_weight: float | None = None  # weight of each sequence's first token in X^T X; None: the seqlen
     snr_floor_db: float | None = None  # None: the mode's default floor
+    # below the floor, with no keep_float/weight_int8 given: measure which MatMul kind reads the most outlier-heavy
+    # inputs (outliers.py), keep it float (INT8) or 8-bit (INT4), and try once more; recorded in the manifest
+    auto_mixed_precision: bool = True
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -127,7 +134,7 @@ class QuantConfig:
             raise UserInputError(f"{error}; modes: {', '.join(m.value for m in QuantMode)}; int4 methods: "
                                  f"{', '.join(m.value for m in Int4Method)}; shortcut policies: "
                                  f"{', '.join(m.value for m in ShortcutPolicy)}") from error
-        if self.block_size not in MATMUL_NBITS_BLOCK_SIZES:
+        if self.block_size is not None and self.block_size not in MATMUL_NBITS_BLOCK_SIZES:
             raise UserInputError(f"block size {self.block_size} is not one ONNX Runtime's block quantizer takes; "
                                  f"choose one of {', '.join(map(str, MATMUL_NBITS_BLOCK_SIZES))}")
         if min(self.calib_samples, self.gptq_samples) < 1 or min(self.calib_seqlen, self.gptq_seqlen) < 2:
@@ -415,8 +422,64 @@ def _directory_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.iterdir() if p.suffix in (".onnx", ".data", ".onnx_data"))
 
 
+def _blocked_widths(matmuls: list[WeightMatMul], config: QuantConfig) -> set[int]:
+    """Input widths K of the MatMuls that would be stored in blocks (INT4, 8-bit weight-only, 8-bit shortcuts)."""
+    int4 = config.mode == QuantMode.INT4
+    widths = set()
+    for mm in matmuls:
+        if mm.weight is None or mm.k is None:
+            continue
+        if mm.role == "shortcut":
+            if config.shortcuts == ShortcutPolicy.WEIGHT_INT8 or (config.shortcuts == ShortcutPolicy.SAME and int4):
+                widths.add(mm.k)
+        elif mm.role == "head" and not config.quantize_head or any(p in mm.node for p in config.keep_float):
+            continue
+        elif int4 or any(part in mm.node for part in config.weight_int8):
+            widths.add(mm.k)
+    return widths
+
+
+def with_block_size(config: QuantConfig, matmuls: list[WeightMatMul]) -> QuantConfig:
+    """``config`` with its block size chosen from the widths when unset: the largest of AUTO_BLOCK_SIZES dividing
+    every blocked input width K, else the first (INT4 then refuses, naming K; INT8 leaves such shortcuts float)."""
+    if config.block_size is not None:
+        return config
+    widths = _blocked_widths(matmuls, config)
+    block = next((b for b in AUTO_BLOCK_SIZES if all(k % b == 0 for k in widths)), AUTO_BLOCK_SIZES[0])
+    return replace(config, block_size=block)
+
+
+@dataclass
+class _Attempt:
+    config: QuantConfig
+    full: QuantPlan
+    snr: float
+    groups: list
+    smoothing: dict
+    embedding: str | None
+
+
+def _attempt(model_path: Path, source: Path, tmp: Path, graph, matmuls: list[WeightMatMul], config: QuantConfig,
+             reference: OrtCausalLM, samples: list[np.ndarray]) -> _Attempt:
+    """Quantize into ``tmp`` (emptied first) and measure the logits SNR against ``reference``."""
+    for item in tmp.iterdir():
+        shutil.rmtree(item) if item.is_dir() else item.unlink()
+    full = quant_plan(matmuls, config)
+    groups = [] if config.smooth_alpha is None else smoothable_groups(graph, {mm.node for mm in full.chosen})
+    smoothing: dict = {}
+    _copy_side_files(source, tmp)
+    _run_passes(model_path, tmp, full, config, reference, samples, _default_opset(graph), groups, smoothing)
+    embedding = None if not config.embedding_dtype else _embedding_name(tmp / MODEL_FILE)
+    return _Attempt(config, full, logits_snr_db(reference, OrtCausalLM(tmp), samples), groups, smoothing, embedding)
+
+
 def quantize_onnx(source_dir: str | Path, out_dir: str | Path, config: QuantConfig, overwrite: bool = False) -> dict:
-    """Quantize an exported ONNX directory into ``out_dir`` (atomically) and return its manifest."""
+    """Quantize an exported ONNX directory into ``out_dir`` (atomically) and return its manifest.
+
+    Raises:
+        UserInputError: a bad directory, a block size that does not divide the widths, nothing to quantize.
+        QuantQualityError: the logits SNR on calibration text stays below the floor (nothing is written).
+    """
     import onnx
 
     source = Path(source_dir).expanduser()
@@ -426,26 +489,48 @@ def quantize_onnx(source_dir: str | Path, out_dir: str | Path, config: QuantConf
     reference = OrtCausalLM(source)
     graph = onnx.load(str(model_path), load_external_data=False)
     matmuls = weight_matmuls(graph)
-    full = quant_plan(matmuls, config)
+    chosen_block = config.block_size is None
+    config = with_block_size(config, matmuls)
+    quant_plan(matmuls, config)  # refuse a bad plan before any calibration
     samples = _calibration_inputs(reference, config)
-    groups = [] if config.smooth_alpha is None else smoothable_groups(graph, {mm.node for mm in full.chosen})
-    smoothing: dict = {}
+    auto = None
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        _copy_side_files(source, tmp)
-        _run_passes(model_path, tmp, full, config, reference, samples, _default_opset(graph), groups, smoothing)
-        embedding = None if not config.embedding_dtype else _embedding_name(tmp / MODEL_FILE)
-        snr = logits_snr_db(reference, OrtCausalLM(tmp), samples)
-        if snr < config.floor:
-            hint = _refusal_hint(model_path, graph, full, config, reference, samples, tmp)
-            raise QuantQualityError(f"{config.mode.value}: logits SNR {snr:.1f} dB is below the floor of "
-                                    f"{config.floor:.1f} dB; nothing was written.{hint}")
-        manifest = _manifest(source, model_path, tmp, config, full, snr)
-        manifest["embedding_float16"] = embedding
+        attempt = _attempt(model_path, source, tmp, graph, matmuls, config, reference, samples)
+        if attempt.snr < config.floor and config.auto_mixed_precision and not (config.keep_float or config.weight_int8):
+            kind, ratio = _worst_kind(model_path, graph, attempt.full, reference, samples, tmp)
+            option = {"weight_int8": (kind,)} if config.mode == QuantMode.INT4 else {"keep_float": (kind,)}
+            first = attempt
+            attempt = _attempt(model_path, source, tmp, graph, matmuls, replace(config, **option), reference, samples)
+            auto = {"reason": f"logits SNR {first.snr:.1f} dB below the floor of {config.floor:.1f} dB",
+                    "measured_peak_to_typical": round(ratio, 1), **{k: list(v) for k, v in option.items()},
+                    "snr_db_before": round(first.snr, 3), "snr_db_after": round(attempt.snr, 3)}
+        if attempt.snr < config.floor:
+            hint = _refusal_hint(model_path, graph, attempt.full, attempt.config, reference, samples, tmp)
+            tried = "" if auto is None else (
+                f" (also with {', '.join(auto.get('keep_float', auto.get('weight_int8', [])))} "
+                f"{'float' if 'keep_float' in auto else '8-bit'}: {auto['snr_db_after']} dB)")
+            raise QuantQualityError(f"{config.mode.value}: logits SNR {attempt.snr:.1f} dB is below the floor of "
+                                    f"{config.floor:.1f} dB{tried}; nothing was written.{hint}")
+        manifest = _manifest(source, model_path, tmp, attempt.config, attempt.full, attempt.snr)
+        manifest["block_size_chosen_from_widths"] = chosen_block
+        manifest["auto_mixed_precision"] = auto
+        manifest["embedding_float16"] = attempt.embedding
         manifest["smoothing"] = None if config.smooth_alpha is None else {
-            "alpha": config.smooth_alpha, "groups": len(groups), "matmuls": sum(len(g.matmuls) for g in groups),
-            "by_activation": smoothing}
+            "alpha": config.smooth_alpha, "groups": len(attempt.groups),
+            "matmuls": sum(len(g.matmuls) for g in attempt.groups), "by_activation": attempt.smoothing}
         (tmp / QUANT_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def _worst_kind(model_path: Path, graph, full: QuantPlan, reference: OrtCausalLM, samples: list[np.ndarray],
+                scratch: Path) -> tuple[str, float]:
+    """The quantized MatMul kind whose inputs are the most outlier-heavy on the calibration text."""
+    from .outliers import outlier_ratios
+
+    quantized = {mm.node for mm in full.chosen}
+    inputs = {node.name: node.input[0] for node in graph.graph.node if node.name in quantized}
+    feeds = [reference._feeds(ids, None, None, None) for ids in samples]
+    return outlier_ratios(model_path, inputs, feeds, scratch, large=_is_large(model_path))[0]
 
 
 def _refusal_hint(model_path: Path, graph, full: QuantPlan, config: QuantConfig, reference: OrtCausalLM,

@@ -124,10 +124,11 @@ def _quantize_parser(sub) -> None:
     parser.add_argument("onnx_dir", help="a directory written by `slice2deploy export onnx`")
     parser.add_argument("-o", "--output", required=True)
     parser.add_argument("--mode", required=True, choices=["int8-dynamic", "int8-static", "int4"])
-    parser.add_argument("--block-size", type=int, default=32,
+    parser.add_argument("--block-size", type=int, default=None,
                         help="block size along K of INT4 and of the 8-bit blocks (--weight-int8, shortcuts): 16, 32, "
-                             "64, 128 or 256, the sizes ONNX Runtime's block quantizer takes (default 32); every "
-                             "quantized input width K must be a multiple of it: slice with --round-to equal to it")
+                             "64, 128 or 256, the sizes ONNX Runtime's block quantizer takes; every blocked input "
+                             "width K must be a multiple of it (slice with --round-to equal to it). Default: 32, or "
+                             "16 where 32 does not divide the widths (recorded in the manifest)")
     parser.add_argument("--method", default="rtn", choices=["rtn", "hqq", "gptq"],
                         help="INT4 weight quantizer (default rtn); gptq measures input Gram matrices on --calib text")
     parser.add_argument("--static-format", default="qdq", choices=["qdq", "qoperator"],
@@ -156,7 +157,12 @@ def _quantize_parser(sub) -> None:
     parser.add_argument("--calib", default="builtin", help=DATA_HELP + " (int8-static ranges and the quality gate)")
     parser.add_argument("--calib-samples", type=int, default=8)
     parser.add_argument("--calib-seqlen", type=int, default=128)
-    parser.add_argument("--snr-floor", type=float, default=None, help="reject below this logits SNR in dB")
+    parser.add_argument("--snr-floor", type=float, default=None,
+                        help="reject below this logits SNR in dB (default: 15 int8-dynamic, 10 int8-static, 8 int4)")
+    parser.add_argument("--auto-mixed-precision", action=argparse.BooleanOptionalAction, default=True,
+                        help="below the floor, with no --keep-float/--weight-int8 given, keep the MatMul kind with "
+                             "the most outlier-heavy inputs (measured on --calib text) float (INT8) or 8-bit (INT4) "
+                             "and try once more; recorded in the manifest (default on)")
     parser.add_argument("--overwrite", action="store_true")
     parser.set_defaults(handler=_run_quantize)
 
@@ -272,13 +278,21 @@ def _run_quantize(args: argparse.Namespace) -> int:
                          embedding_dtype=None if args.embedding_dtype == "float32" else args.embedding_dtype,
                          calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                          gptq_samples=args.gptq_samples, gptq_seqlen=args.gptq_seqlen, snr_floor_db=args.snr_floor,
-                         static_format=args.static_format, smooth_alpha=args.smooth_alpha)
+                         static_format=args.static_format, smooth_alpha=args.smooth_alpha,
+                         auto_mixed_precision=args.auto_mixed_precision)
     manifest = quantize_onnx(args.onnx_dir, args.output, config, overwrite=args.overwrite)
     size = manifest["size_bytes"]
     print(f"saved {args.output}: {manifest['quantized_matmuls']} MatMuls quantized ({args.mode}), "
           f"{manifest['unquantized_count']} left in float; {size['source'] / 2**20:.1f} -> "
           f"{size['quantized'] / 2**20:.1f} MiB; logits SNR {manifest['logits_snr_db']:.1f} dB "
           f"(floor {manifest['snr_floor_db']:.1f})")
+    auto = manifest["auto_mixed_precision"]
+    if auto is not None:
+        kept = ", ".join(auto.get("keep_float", auto.get("weight_int8", [])))
+        print(f"mixed precision chosen from measurements: {kept} {'float' if 'keep_float' in auto else '8-bit'} "
+              f"({auto['reason']}; its inputs peak at {auto['measured_peak_to_typical']}x their typical channel)")
+    if manifest["block_size_chosen_from_widths"] and (manifest["quantized_by_role"] or manifest["weight_int8_matmuls"]):
+        print(f"block size {manifest['config']['block_size']} (chosen from the widths)")
     if manifest["smoothing"] is not None:
         print(f"SmoothQuant (alpha {args.smooth_alpha:g}): {manifest['smoothing']['matmuls']} MatMuls in "
               f"{manifest['smoothing']['groups']} groups smoothed")

@@ -186,7 +186,7 @@ def test_cli_quantize_then_info_and_eval(dense_onnx, tiny_text_file, tmp_path, c
     result = json.loads(capsys.readouterr().out)
     assert result["backend"] == "onnxruntime" and result["perplexity"] > 1
     assert main(["quantize", str(dense_onnx), "-o", str(tmp_path / "x"), "--mode", "int4", "--block-size", "24"]) == 2
-    assert "power of two" in capsys.readouterr().err
+    assert "choose one of 16, 32, 64, 128, 256" in capsys.readouterr().err
     gptq = tmp_path / "cli-gptq"
     assert main(["quantize", str(dense_onnx), "-o", str(gptq), "--mode", "int4", "--block-size", "16", "--method",
                  "gptq", "--calib", str(tiny_text_file), "--gptq-samples", "3", "--gptq-seqlen", "16"]) == 0
@@ -351,3 +351,36 @@ def test_peak_to_rms_and_kinds():
     hint = mixed_precision_hint([("fc2", 80.0), ("fc1", 5.0)], int8=False)
     assert "--weight-int8 fc2" in hint and "80x" in hint and "5x" in hint
     assert mixed_precision_hint([("fc2", 80.0)], int8=True, already=["fc2"]) == ""
+
+
+def test_default_block_size_follows_the_widths(tiny_text_file, tmp_path):
+    """A default slice (round-to 8) quantized with the default INT4 settings: block 16 where 32 does not divide."""
+    model = tiny_model("llama", hidden_size=64, intermediate_size=128)
+    ids = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    sliced = slice_model(model, ids, None, SliceConfig(sparsity=0.25), progress=False)
+    assert sliced.config.widths[-1] == 48  # 48 % 32 != 0
+    onnx_dir = _export(sliced, tmp_path / "onnx")
+    manifest = quantize_onnx(onnx_dir, tmp_path / "int4", _config(tiny_text_file, mode="int4", block_size=None))
+    assert manifest["config"]["block_size"] == 16 and manifest["block_size_chosen_from_widths"]
+    manifest = quantize_onnx(onnx_dir, tmp_path / "int8", _config(tiny_text_file, mode="int8-dynamic",
+                                                                    block_size=None))
+    assert manifest["config"]["block_size"] == 16 and manifest["weight_int8_by_role"] == {"shortcut": 4}
+    with pytest.raises(UserInputError, match="K = 48"):
+        quantize_onnx(onnx_dir, tmp_path / "int4-32", _config(tiny_text_file, mode="int4", block_size=32))
+
+
+def test_below_the_floor_the_measured_outlier_kind_is_kept_float(outlier_onnx, tiny_text_file, tmp_path):
+    """Default INT8 that misses the floor tries once more with the most outlier-heavy MatMul kind in float."""
+    plain = quantize_onnx(outlier_onnx, tmp_path / "plain", _config(tiny_text_file, mode="int8-dynamic"))
+    assert plain["auto_mixed_precision"] is None
+    floor = plain["logits_snr_db"] + 0.1  # just out of reach without mixed precision
+    manifest = quantize_onnx(outlier_onnx, tmp_path / "auto", _config(tiny_text_file, mode="int8-dynamic",
+                                                                      snr_floor_db=floor))
+    auto = manifest["auto_mixed_precision"]
+    assert auto["snr_db_before"] == pytest.approx(plain["logits_snr_db"], abs=1e-3)
+    assert auto["snr_db_after"] >= floor and manifest["config"]["keep_float"] == auto["keep_float"]
+    assert any("keep_float" in item["reason"] for item in manifest["unquantized"])
+    with pytest.raises(QuantQualityError, match="nothing was written"):
+        quantize_onnx(outlier_onnx, tmp_path / "off", _config(tiny_text_file, mode="int8-dynamic", snr_floor_db=floor,
+                                                              auto_mixed_precision=False))
+    assert not (tmp_path / "off").exists()
