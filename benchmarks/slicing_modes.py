@@ -38,8 +38,8 @@ def _read(path: Path) -> list[dict]:
 
 def _budgets(model, sparsities: list[float], round_to: int) -> dict[float, int]:
     """The per-layer benchmark's budgets: real counts of uniform widths (tie kept) at each sparsity."""
-    from slice2deploy.schedule import uniform_widths
     from slice2deploy.spectrum import parameter_cost
+    from slice2deploy.widths import uniform_widths
 
     cost = parameter_cost(model)
     budgets = {}
@@ -58,9 +58,8 @@ def _rule(args) -> str:
 
 
 def _measure(args, width: int, calibration, evaluation, meta: dict) -> dict:
-    from slice2deploy.api import load
+    from slice2deploy.api import SliceConfig, load, slice_model
     from slice2deploy.evaluate import count_parameters, perplexity
-    from slice2deploy.slicing import SliceConfig, slice_model
 
     model, _, _ = load(args.model)
     started = time.perf_counter()
@@ -80,7 +79,7 @@ def run(args: argparse.Namespace) -> None:
     from slice2deploy.api import load
     from slice2deploy.data import calibration_batch, load_text, token_stream
     from slice2deploy.evaluate import count_parameters, perplexity
-    from slice2deploy.uniform import uniform_width_for_sparsity, uniform_width_for_target
+    from slice2deploy.widths import uniform_width_for_sparsity, uniform_width_for_target
 
     sparsities = [float(s) for s in args.sparsities.split(",")]
     model, tokenizer, _ = load(args.model)

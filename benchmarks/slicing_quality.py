@@ -49,10 +49,9 @@ def machine() -> dict:
 
 def run_one(args: argparse.Namespace) -> dict:
     """Load, (slice), evaluate one variant in this process and return its record."""
-    from slice2deploy.api import load
+    from slice2deploy.api import SliceConfig, load, slice_model
     from slice2deploy.data import calibration_batch, load_text, token_stream
     from slice2deploy.evaluate import count_parameters, perplexity
-    from slice2deploy.slicing import SliceConfig, slice_model
 
     started = time.perf_counter()
     model, tokenizer, resolved = load(args.model)

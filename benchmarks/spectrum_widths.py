@@ -23,8 +23,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _plans(cost, spectra, sparsity: float, rules: list[str], round_to: int, min_width: int | None) -> dict:
-    from slice2deploy.schedule import uniform_widths
-    from slice2deploy.spectrum import spectrum_widths
+    from slice2deploy.widths import spectrum_widths, uniform_widths
 
     uniform = uniform_widths(cost.hidden_size, cost.num_positions, sparsity, round_to)
     if cost.tied:
@@ -90,10 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.slicing_quality import machine
-    from slice2deploy.api import load
+    from slice2deploy.api import SliceConfig, load, slice_model
     from slice2deploy.data import calibration_batch, load_text, token_stream
     from slice2deploy.evaluate import count_parameters, perplexity
-    from slice2deploy.slicing import SliceConfig, slice_model
     from slice2deploy.spectrum import collect_spectra, parameter_cost
 
     torch.manual_seed(args.seed)

@@ -13,8 +13,11 @@ import torch
 
 from .checkpoint import MANIFEST_FILE, read_manifest, save_sliced, versions
 from .evaluate import count_parameters, perplexity
-from .slicing import SliceConfig, slice_model
+from .slicing import BasisFn, SliceConfig, slice_per_layer
+from .spectrum import parameter_cost
+from .uniform import slice_uniform_mode
 from .utils import UserInputError, check_output_dir, sha256_bytes
+from .widths import budget_widths, per_layer_widths, uniform_width_for_target
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -94,23 +97,30 @@ def resolve_widths(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if plan.widths == "uniform" and plan.target_params is None:
         return
     if config.mode == "uniform":
-        from .uniform import uniform_width_for_target
-
         if plan.widths == "spectrum":
             raise UserInputError("uniform mode has one width for the whole stream: --widths spectrum needs "
                                  "--mode per-layer")
         config.widths = [uniform_width_for_target(model.config, plan.target_params, config.round_to)]
     else:
-        from .slicing import plan_widths as uniform_plan
-        from .spectrum import parameter_cost, plan_widths
-
         target = plan.target_params
         if target is None:  # the budget of uniform widths at the configured sparsity
             cost = parameter_cost(model, config.tie)
-            target = cost.count(uniform_plan(config, cost.hidden_size, cost.num_positions, cost.tied))
-        config.widths = plan_widths(model, target, plan.widths, input_ids, attention_mask, config.tie,
-                                    config.round_to, batch_size=config.batch_size, device=config.device)
+            target = cost.count(per_layer_widths(config, cost.hidden_size, cost.num_positions, cost.tied))
+        config.widths = budget_widths(model, target, plan.widths, input_ids, attention_mask, config.tie,
+                                      config.round_to, batch_size=config.batch_size, device=config.device)
     config.extra = {**config.extra, "width_plan": asdict(plan)}
+
+
+def slice_model(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config: SliceConfig,
+                basis_fn: BasisFn | None = None, progress: bool = True):
+    """Slice ``model`` (consumed: its modules are transformed in place) on the given calibration tokens.
+
+    Per-layer mode returns a ``SlicedForCausalLM`` (:func:`slice2deploy.slicing.slice_per_layer`); uniform mode a
+    model of the source class with a smaller ``hidden_size`` (:func:`slice2deploy.uniform.slice_uniform_mode`).
+    ``basis_fn`` defaults to PCA; tests pass random orthogonal bases to check that rotation alone is exact.
+    """
+    slice_fn = slice_uniform_mode if config.mode == "uniform" else slice_per_layer
+    return slice_fn(model, input_ids, attention_mask, config, basis_fn, progress)
 
 
 def slicing_record(config) -> dict:
