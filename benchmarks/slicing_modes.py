@@ -26,7 +26,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.suite.results import RESULTS
+
 PER_LAYER = RESULTS / "widths_smollm2.jsonl"
 OFFICIAL = {"parameters": 140.7e6, "ratio": 2.40,
             "label": "official SliceGPT 25% (head untied, not sliced; news text, from the issue)"}
@@ -75,7 +76,7 @@ def _measure(args, width: int, calibration, evaluation, meta: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
-    from benchmarks.slicing_quality import machine
+    from benchmarks.suite.measure import machine_record
     from slice2deploy.api import load
     from slice2deploy.data import calibration_batch, load_text, token_stream
     from slice2deploy.evaluate import count_parameters, perplexity
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> None:
                                                 max_tokens=args.max_eval_tokens, progress=False).perplexity
     meta = {"model": args.model, "dense_parameters": dense_parameters, "dense_perplexity": dense,
             "calibration": f"{args.calib_samples}x{args.calib_seqlen} builtin seed {args.seed}",
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_record(),
             "command": "python -m benchmarks.slicing_modes " + " ".join(sys.argv[1:])}
     previous = [r for r in _read(RESULTS / "modes_smollm2.jsonl")
                 if not (r["rule"] == _rule(args) and r["sparsity"] in sparsities)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from .evaluate import count_parameters, perplexity
 from .slicing import BasisFn, SliceConfig, slice_per_layer
 from .spectrum import parameter_cost
 from .uniform import slice_uniform_mode
-from .utils import UserInputError, check_output_dir, sha256_bytes
+from .utils import UserInputError, check_output_dir, peak_rss_mb, sha256_bytes
 from .widths import budget_widths, per_layer_widths, uniform_width_for_target
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -67,10 +66,6 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu", trust_remote_co
     model, tokenizer, resolved = load_model(spec, dtype=torch_dtype(dtype), device=check_device(device),
                                             trust_remote_code=trust_remote_code)
     return model, tokenizer, resolved
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
 @dataclass
@@ -166,7 +161,7 @@ def slice_pretrained(model_spec: str, output: str | Path, config: SliceConfig, c
         "widths": residual_widths(sliced.config),
         "parameters": {"dense": dense_parameters, "sliced": sliced_parameters},
         "seconds": {"load_and_calibration_data": round(loaded - started, 2), "slicing": round(slicing_seconds, 2)},
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_rss_mb": peak_rss_mb(),
     }
     manifest = {
         "source_model": {"spec": model_spec, "kind": resolved.kind, "path": resolved.path,

@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 
+from .slicing import DEFAULT_REFIT_RIDGE
 from .utils import Slice2DeployError
 
-DEFAULT_REFIT_RIDGE = 1e-3  # measured on SmolLM2 (benchmarks/results/slicing_modes_smollm2.md)
 MODEL_HELP = "built-in alias (smollm2-135m), Hugging Face hub id, local model directory or .gguf file"
 DATA_HELP = (
     "builtin (bundled Wikipedia text), a local .txt/.jsonl file, or a datasets name (wikitext2, c4, ptb, alpaca)"
@@ -306,7 +306,7 @@ def _run_info(args: argparse.Namespace) -> int:
 def _run_pipeline(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .pipeline import run_pipeline
+    from benchmarks.pipeline import run_pipeline
 
     statuses = run_pipeline(args.recipe, args.output, force=args.force, build_only=args.build_only)
     ran = [s for s in statuses if s.status == "ran"]

@@ -25,6 +25,8 @@ from .rotation import project, rotate_embedding, rotate_reader, rotate_writer
 from .utils import UserInputError
 from .widths import per_layer_widths, validate_sparsity
 
+DEFAULT_REFIT_RIDGE = 1e-3  # refit=True in a recipe; measured on SmolLM2 (benchmarks/results/slicing_modes_smollm2.md)
+
 # basis(position, covariance) -> orthogonal d × d matrix (float64) in the covariance's coordinates, columns sorted
 # by importance (PCA: eigenvectors by decreasing eigenvalue)
 BasisFn = Callable[[int, CovarianceAccumulator], torch.Tensor]
