@@ -37,6 +37,16 @@ class CalibrationConfig:
             raise UserInputError(f"calibration seqlen must be >= 2, got {self.seqlen}")
 
 
+@dataclass
+class EvalConfig:
+    """Which text a perplexity is measured on, and how: windows of ``seqlen`` tokens, the first ``max_tokens``."""
+
+    data: str = "builtin"
+    seqlen: int = 512
+    batch_size: int = 4
+    max_tokens: int | None = None
+
+
 def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise UserInputError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
@@ -183,8 +193,9 @@ def is_onnx_dir(spec: str | Path) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in ("model.onnx", "slice2deploy_onnx_manifest.json"))
 
 
-def evaluate_pretrained(model_spec: str, data: str = "builtin", seqlen: int = 512, batch_size: int = 4,
-                        max_tokens: int | None = None, dtype: str = "float32", device: str = "cpu",
+def evaluate_pretrained(model_spec: str, data: str = EvalConfig.data, seqlen: int = EvalConfig.seqlen,
+                        batch_size: int = EvalConfig.batch_size, max_tokens: int | None = EvalConfig.max_tokens,
+                        dtype: str = "float32", device: str = "cpu",
                         progress: bool = True, trust_remote_code: bool = False) -> dict:
     """Perplexity of a model (or of an ONNX export, in ONNX Runtime) on the evaluation split of ``data``, with its
     parameter count."""
