@@ -179,16 +179,15 @@ def _engine_step(recipe: Recipe, model: str, precision: str) -> Step:
                 run, [source])
 
 
-def _trt_perplexity(artifact: str, tokens, recipe: Recipe) -> dict:
-    import torch
+def _trt_perplexity(artifact: str, recipe: Recipe) -> dict:
+    """TensorRT engines are evaluated at batch 1 (their profiles' opt shape)."""
+    from slice2deploy.data import load_text, token_stream
+    from slice2deploy.runners import open_runner
 
-    from exporters.tensorrt import ENGINE_FILE, TrtCausalLM
-    from slice2deploy.evaluate import windowed_perplexity
-
-    runner = TrtCausalLM(Path(artifact) / ENGINE_FILE, device_index=int(recipe.device.partition(":")[2] or 0))
-    result = windowed_perplexity(lambda ids: runner.forward(ids.numpy())[0].float(), torch.as_tensor(tokens),
-                                 recipe.eval["seqlen"], 1, recipe.eval["max_tokens"], progress=False)
-    return result.to_dict()
+    runner = open_runner(artifact, backend="tensorrt", device=recipe.device)
+    tokens = token_stream(runner.tokenizer, load_text(recipe.eval["data"], "evaluation"))
+    return runner.perplexity(tokens, seqlen=recipe.eval["seqlen"], batch_size=1, max_tokens=recipe.eval["max_tokens"],
+                             progress=False).to_dict()
 
 
 def _eval_step(recipe: Recipe, variant: Variant, progress: bool) -> Step:
@@ -202,12 +201,7 @@ def _eval_step(recipe: Recipe, variant: Variant, progress: bool) -> Step:
         if reason is not None:
             return _write_result(tmp, {"status": "rejected", "reason": reason})
         if variant.backend == "tensorrt":
-            from transformers import AutoTokenizer
-
-            from slice2deploy.data import load_text, token_stream
-
-            tokens = token_stream(AutoTokenizer.from_pretrained(artifact), load_text(cfg["data"], "evaluation"))
-            return _write_result(tmp, {"status": "ok", **_trt_perplexity(artifact, tokens, recipe)})
+            return _write_result(tmp, {"status": "ok", **_trt_perplexity(artifact, recipe)})
         result = evaluate_pretrained(artifact, data=cfg["data"], seqlen=cfg["seqlen"], batch_size=cfg["batch_size"],
                                      max_tokens=cfg["max_tokens"], dtype=TORCH_DTYPE.get(variant.precision,
                                                                                          "float32"),

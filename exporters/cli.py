@@ -17,7 +17,7 @@ from .quantize import QuantConfig, quantize_onnx
 
 BUILD_ENGINE = "build-engine"
 BUILD_ENGINE_HELP = "TensorRT engine (or deploy bundle) from an ONNX export"
-EXPORT, QUANT = OnnxExportConfig(), QuantConfig()
+EXPORT, QUANT = OnnxExportConfig, QuantConfig  # their declared defaults (an instance resolves some, e.g. opset)
 
 
 def add_commands(subparsers, selected: str | None = None) -> None:

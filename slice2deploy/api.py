@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -10,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import MANIFEST_FILE, read_manifest, save_sliced, versions
-from .evaluate import count_parameters, perplexity
+from .checkpoint import MANIFEST_FILE, read_manifest, save_sliced
+from .evaluate import count_parameters
+from .runners import backend_for, context_length, open_runner
 from .slicing import BasisFn, SliceConfig, slice_per_layer
 from .spectrum import parameter_cost
 from .uniform import slice_uniform_mode
@@ -59,14 +59,6 @@ def check_device(device: str) -> str:
     if not (device == "cpu" or device.startswith("cuda")):
         raise UserInputError(f"unknown device {device!r}; use cpu or cuda[:N]")
     return device
-
-
-def model_context(config) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def load(spec: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
@@ -149,7 +141,7 @@ def slice_pretrained(model_spec: str, output: str | Path, config: SliceConfig, c
     check_output_dir(output, overwrite)  # fail before any expensive work
     started = time.perf_counter()
     model, tokenizer, resolved = load(model_spec, dtype, config.device, trust_remote_code)
-    context = model_context(model.config)
+    context = context_length(model.config)
     if context is not None and calibration.seqlen > context:
         raise UserInputError(f"calibration seqlen {calibration.seqlen} exceeds the model's context of {context} tokens")
     text = load_text(calibration.source, "calibration")
@@ -186,13 +178,6 @@ def slice_pretrained(model_spec: str, output: str | Path, config: SliceConfig, c
     return summary
 
 
-def is_onnx_dir(spec: str | Path) -> bool:
-    """Whether ``spec`` is an ONNX export directory (``slice2deploy export onnx``): it holds model.onnx, or at least
-    the export manifest (then the ONNX runner explains what is missing)."""
-    path = Path(spec).expanduser()
-    return path.is_dir() and any((path / name).is_file() for name in ("model.onnx", "slice2deploy_onnx_manifest.json"))
-
-
 def evaluate_pretrained(model_spec: str, data: str = EvalConfig.data, seqlen: int = EvalConfig.seqlen,
                         batch_size: int = EvalConfig.batch_size, max_tokens: int | None = EvalConfig.max_tokens,
                         dtype: str = "float32", device: str = "cpu",
@@ -201,31 +186,22 @@ def evaluate_pretrained(model_spec: str, data: str = EvalConfig.data, seqlen: in
     parameter count."""
     from .data import load_text, token_stream
 
-    if is_onnx_dir(model_spec):
-        from exporters.ort import OrtCausalLM, runtime_versions
-
-        model = OrtCausalLM(model_spec, provider=device)
-        tokenizer, context, evaluate = model.tokenizer(), model.context_length, model.perplexity
-        parameters, dtype, backend, library_versions = model.parameters, model.dtype, "onnxruntime", runtime_versions()
-    else:
-        model, tokenizer, resolved = load(model_spec, dtype, device, trust_remote_code)
-        context, evaluate = model_context(model.config), functools.partial(perplexity, model)
-        parameters, backend, library_versions = count_parameters(model)["total"], "pytorch", versions()
-    if context is not None and seqlen > context:
-        raise UserInputError(f"seqlen {seqlen} exceeds the model's context of {context} tokens")
+    runner = open_runner(model_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    if runner.context_length is not None and seqlen > runner.context_length:
+        raise UserInputError(f"seqlen {seqlen} exceeds the model's context of {runner.context_length} tokens")
     text = load_text(data, "evaluation")
-    result = evaluate(token_stream(tokenizer, text), seqlen=seqlen, batch_size=batch_size, max_tokens=max_tokens,
-                      progress=progress)
+    result = runner.perplexity(token_stream(runner.tokenizer, text), seqlen=seqlen, batch_size=batch_size,
+                               max_tokens=max_tokens, progress=progress)
     return {
         "model": model_spec,
         "data": text.name,
         "data_sha256": text.sha256,
         **result.to_dict(),
-        "parameters": parameters,
-        "dtype": dtype,
+        "parameters": runner.parameters,
+        "dtype": runner.dtype,
         "device": device,
-        "backend": backend,
-        "versions": library_versions,
+        "backend": runner.backend,
+        "versions": runner.versions,
     }
 
 
@@ -234,28 +210,13 @@ def generate_text(model_spec: str, prompt: str, max_new_tokens: int = 32, chat: 
     """Greedy continuation of ``prompt`` (with the KV cache); ONNX export directories run in ONNX Runtime."""
     if max_new_tokens < 1:
         raise UserInputError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
-    onnx = is_onnx_dir(model_spec)
-    if onnx:
-        from exporters.ort import OrtCausalLM
-
-        model = OrtCausalLM(model_spec, provider=device)
-        tokenizer = model.tokenizer()
-    else:
-        model, tokenizer, _ = load(model_spec, dtype, device, trust_remote_code)
+    runner = open_runner(model_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = runner.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                    add_generation_prompt=True)
     else:
         text = prompt
-    if onnx:
-        ids = tokenizer(text, return_tensors="np")["input_ids"]
-        output = model.generate(ids, max_new_tokens, eos_token_id=model.eos_token_ids() or tokenizer.eos_token_id)
-        return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
-    inputs = tokenizer(text, return_tensors="pt").to(device)
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return runner.generate(text, max_new_tokens)
 
 
 def describe_checkpoint(directory: str | Path) -> dict:
@@ -267,14 +228,9 @@ def describe_checkpoint(directory: str | Path) -> dict:
     if not config_file.is_file():
         raise UserInputError(f"{path} is not a model directory (no config.json)")
     config = json.loads(config_file.read_text())
-    if is_onnx_dir(path):
-        from exporters.ort import graph_summary
-
-        summary = graph_summary(path / "model.onnx")
-        sizes = [p.stat().st_size for p in path.iterdir() if p.suffix in (".onnx", ".data", ".onnx_data")]
-        manifests = {p.name: json.loads(p.read_text()) for p in path.glob("slice2deploy_*manifest.json")}
-        return {"directory": str(path.resolve()), "model_type": f"onnx ({config.get('model_type')})",
-                "parameters": summary["parameters"], "size_bytes": sum(sizes), "manifests": manifests}
+    backend = backend_for(path)
+    if backend is not None and backend.describe is not None:  # an exported artifact (ONNX export directory)
+        return backend.describe(path, config)
     weight_files = sorted(path.glob("*.safetensors"))
     parameters = 0
     for weight_file in weight_files:

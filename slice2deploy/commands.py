@@ -27,7 +27,7 @@ MODEL_HELP = "built-in alias (smollm2-135m), Hugging Face hub id, local model di
 DATA_HELP = (
     "builtin (bundled Wikipedia text), a local .txt/.jsonl file, or a datasets name (wikitext2, c4, ptb, alpaca)"
 )
-SLICE, CALIBRATION, EVAL = SliceConfig(), CalibrationConfig(), EvalConfig()
+SLICE, CALIBRATION, EVAL = SliceConfig, CalibrationConfig, EvalConfig  # their declared defaults
 
 
 def default_of(function, name: str):

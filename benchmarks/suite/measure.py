@@ -14,12 +14,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from slice2deploy.runners import Runner, open_runner
 from slice2deploy.utils import Slice2DeployError, UserInputError, atomic_write_text, peak_rss_mb
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -133,76 +133,9 @@ def summary(times_ms: list[float]) -> dict[str, float]:
 
 
 # -- backends --------------------------------------------------------------------------------------------------------
-@dataclass
-class Runner:
-    """What the timing loops need from a backend: a forward with the KV cache and the weights' footprint."""
-
-    forward: Callable[[np.ndarray, Any], tuple[Any, Any]]  # (ids (B, T), past or None) -> (logits, past)
-    tokenizer: Any
-    weight_bytes: int
-    size_bytes: int
-    parameters: int | None
-
-
-def _dir_bytes(path: Path, suffixes: tuple[str, ...]) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.name.endswith(suffixes))
-
-
-def _torch_runner(artifact: str, precision: str, device: str) -> Runner:
-    import torch
-
-    from slice2deploy.api import load
-
-    model, tokenizer, resolved = load(artifact, TORCH_DTYPES[precision], device)
-    model.eval()
-    unique = {id(p): p for p in model.parameters()}.values()  # a tied head is stored (and read) once
-
-    @torch.no_grad()
-    def forward(ids: np.ndarray, past: Any) -> tuple[Any, Any]:
-        out = model(input_ids=torch.as_tensor(ids, device=device), past_key_values=past, use_cache=True)
-        return out.logits, out.past_key_values
-
-    path = Path(resolved.path) / resolved.gguf_file if resolved.gguf_file else Path(resolved.path)
-    from slice2deploy.sources import converted_dir
-
-    if resolved.gguf_file and converted_dir(resolved).is_dir():  # the float32 HF directory the GGUF became
-        path = converted_dir(resolved)
-    size = _dir_bytes(path, (".safetensors", ".bin", ".gguf")) if path.exists() else 0
-    return Runner(forward, tokenizer, sum(p.numel() * p.element_size() for p in unique), size,
-                  sum(p.numel() for p in unique))
-
-
-def _ort_runner(artifact: str, device: str) -> Runner:
-    from exporters.ort import OrtCausalLM
-
-    runner = OrtCausalLM(artifact, provider=device)
-    size = _dir_bytes(Path(artifact), (".onnx", ".data", ".onnx_data"))
-    return Runner(lambda ids, past: runner.forward(ids, past=past), runner.tokenizer(), size, size,
-                  runner.parameters)
-
-
-def _trt_runner(artifact: str, device: str) -> Runner:
-    from transformers import AutoTokenizer
-
-    from exporters.tensorrt import ENGINE_FILE, TrtCausalLM
-
-    engine = Path(artifact) / ENGINE_FILE
-    runner = TrtCausalLM(engine, device_index=int(device.partition(":")[2] or 0))
-    size = engine.stat().st_size
-    return Runner(lambda ids, past: runner.forward(ids, past=past), AutoTokenizer.from_pretrained(artifact), size,
-                  size, None)
-
-
 def make_runner(backend: str, artifact: str, precision: str, device: str) -> Runner:
-    if backend == "pytorch":
-        return _torch_runner(artifact, precision, device)
-    if backend == "onnxruntime":
-        return _ort_runner(artifact, device)
-    if backend == "tensorrt":
-        return _trt_runner(artifact, device)
-    raise UserInputError(f"unknown backend {backend!r}")
+    """``artifact`` on ``backend`` through the core's runner registry (PyTorch at ``precision``'s dtype)."""
+    return open_runner(artifact, backend=backend, dtype=TORCH_DTYPES.get(precision, "float32"), device=device)
 
 
 def _next_tokens(logits: Any) -> np.ndarray:
