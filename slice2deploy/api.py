@@ -11,14 +11,13 @@ import torch
 
 from .checkpoint import MANIFEST_FILE, read_manifest, save_sliced
 from .evaluate import count_parameters
+from .loading import load
 from .runners import backend_for, context_length, open_runner
 from .slicing import BasisFn, SliceConfig, slice_per_layer
 from .spectrum import parameter_cost
 from .uniform import slice_uniform_mode
 from .utils import UserInputError, check_output_dir, peak_rss_mb, sha256_bytes
 from .widths import budget_widths, per_layer_widths, uniform_width_for_target
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -45,29 +44,6 @@ class EvalConfig:
     seqlen: int = 512
     batch_size: int = 4
     max_tokens: int | None = None
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise UserInputError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def check_device(device: str) -> str:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserInputError(f"--device {device} was asked for but no CUDA GPU is visible to PyTorch")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise UserInputError(f"unknown device {device!r}; use cpu or cuda[:N]")
-    return device
-
-
-def load(spec: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
-    """Load any model slice2deploy accepts (built-in alias, hub id, local or sliced directory, GGUF file)."""
-    from .sources import load_model
-
-    model, tokenizer, resolved = load_model(spec, dtype=torch_dtype(dtype), device=check_device(device),
-                                            trust_remote_code=trust_remote_code)
-    return model, tokenizer, resolved
 
 
 @dataclass

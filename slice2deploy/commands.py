@@ -11,16 +11,15 @@ import inspect
 import json
 
 from .api import (
-    DTYPES,
     CalibrationConfig,
     EvalConfig,
     WidthPlan,
     describe_checkpoint,
     evaluate_pretrained,
     generate_text,
-    load,
     slice_pretrained,
 )
+from .loading import DTYPES, load
 from .slicing import DEFAULT_REFIT_RIDGE, SliceConfig
 
 MODEL_HELP = "built-in alias (smollm2-135m), Hugging Face hub id, local model directory or .gguf file"

@@ -116,9 +116,9 @@ def _dir_bytes(path: Path, suffixes: tuple[str, ...]) -> int:
 def _open_pytorch(spec: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False) -> Runner:
     import torch
 
-    from .api import load
     from .checkpoint import versions
     from .evaluate import count_parameters, perplexity
+    from .loading import load
     from .sources import converted_dir
 
     model, tokenizer, resolved = load(str(spec), dtype, device, trust_remote_code)
