@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.onnx_runtime import FAMILIES, _quantized
-from benchmarks.slicing_quality import machine, write_results
+from benchmarks.suite.measure import machine_record
+from benchmarks.suite.results import write_results
 
 SOURCES = {  # name -> (fp32 export under the work directory, INT4 block size, family overrides)
     "dense": ("dense-fp32", 32, {}),
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     stream = token_stream(tokenizer, load_text("builtin", "evaluation")).numpy().astype(np.int64)
     count = min(args.max_eval_tokens, stream.size) // WINDOW
     windows = stream[: count * WINDOW].reshape(count, WINDOW)
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_record(),
             "versions": runtime_versions(), "eval_window_tokens": int(windows.size),
             "command": "python -m benchmarks.int4_gptq " + " ".join(argv if argv is not None else sys.argv[1:])}
     reference: dict[str, np.ndarray] = {}

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.slicing_quality import machine, write_results
+from benchmarks.suite.measure import machine_record
+from benchmarks.suite.results import write_results
 
 # Every fp32 export writes attention as one ONNX Attention node per layer (exporters/attention.py): on ONNX Runtime
 # CPU the eager graph's ~20 small attention ops per layer cost as much as the slicing saves in prefill
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     from slice2deploy.data import token_stream
 
     evaluation = token_stream(tokenizer, load_text("builtin", "evaluation"))
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_record(),
             "versions": runtime_versions(), "backend": "onnxruntime", "provider": "CPUExecutionProvider",
             "command": "python -m benchmarks.onnx_runtime " + " ".join(argv if argv is not None else sys.argv[1:])}
     records = []

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.slicing_quality import machine, write_results
+from benchmarks.suite.measure import machine_record
+from benchmarks.suite.results import write_results
 
 MODELS = {"dense": "dense-fp32", "sliced-0.25": "sliced-0.25-fp32", "uniform-0.25": "uniform-0.25-fp32"}
 CHECKPOINTS = {"sliced-0.25": "sliced-0.25", "uniform-0.25": "uniform-0.25"}  # dense: --model
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             runner.forward(prompt)
             times[name].append((time.perf_counter() - start) * 1000)
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_record(),
             "versions": runtime_versions(), "prompt_tokens": args.tokens, "rounds": args.rounds,
             "command": "python -m benchmarks.prefill_ab " + " ".join(argv if argv is not None else sys.argv[1:])}
     records = []

@@ -24,7 +24,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from benchmarks.slicing_quality import machine, write_results
+from benchmarks.suite.measure import machine_record
+from benchmarks.suite.results import write_results
 
 
 def _session(nodes: list, inputs: list, outputs: list[str], initializers: list, opset: int = 23):
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append((time.perf_counter() - start) * 1000)
     from exporters.ort import runtime_versions
 
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_record(),
             "versions": runtime_versions(), "tokens": args.tokens, "rounds": args.rounds,
             "command": "python -m benchmarks.prefill_floor " + " ".join(argv if argv is not None else sys.argv[1:])}
     records = [{"part": name, "ms_per_call": round(statistics.median(values), 3),

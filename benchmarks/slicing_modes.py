@@ -26,7 +26,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.suite.results import RESULTS
+
 PER_LAYER = RESULTS / "widths_smollm2.jsonl"
 OFFICIAL = {"parameters": 140.7e6, "ratio": 2.40,
             "label": "official SliceGPT 25% (head untied, not sliced; news text, from the issue)"}
@@ -38,8 +39,8 @@ def _read(path: Path) -> list[dict]:
 
 def _budgets(model, sparsities: list[float], round_to: int) -> dict[float, int]:
     """The per-layer benchmark's budgets: real counts of uniform widths (tie kept) at each sparsity."""
-    from slice2deploy.schedule import uniform_widths
     from slice2deploy.spectrum import parameter_cost
+    from slice2deploy.widths import uniform_widths
 
     cost = parameter_cost(model)
     budgets = {}
@@ -58,9 +59,8 @@ def _rule(args) -> str:
 
 
 def _measure(args, width: int, calibration, evaluation, meta: dict) -> dict:
-    from slice2deploy.api import load
+    from slice2deploy.api import SliceConfig, load, slice_model
     from slice2deploy.evaluate import count_parameters, perplexity
-    from slice2deploy.slicing import SliceConfig, slice_model
 
     model, _, _ = load(args.model)
     started = time.perf_counter()
@@ -76,11 +76,11 @@ def _measure(args, width: int, calibration, evaluation, meta: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
-    from benchmarks.slicing_quality import machine
+    from benchmarks.suite.measure import machine_record
     from slice2deploy.api import load
     from slice2deploy.data import calibration_batch, load_text, token_stream
     from slice2deploy.evaluate import count_parameters, perplexity
-    from slice2deploy.uniform import uniform_width_for_sparsity, uniform_width_for_target
+    from slice2deploy.widths import uniform_width_for_sparsity, uniform_width_for_target
 
     sparsities = [float(s) for s in args.sparsities.split(",")]
     model, tokenizer, _ = load(args.model)
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> None:
                                                 max_tokens=args.max_eval_tokens, progress=False).perplexity
     meta = {"model": args.model, "dense_parameters": dense_parameters, "dense_perplexity": dense,
             "calibration": f"{args.calib_samples}x{args.calib_seqlen} builtin seed {args.seed}",
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_record(),
             "command": "python -m benchmarks.slicing_modes " + " ".join(sys.argv[1:])}
     previous = [r for r in _read(RESULTS / "modes_smollm2.jsonl")
                 if not (r["rule"] == _rule(args) and r["sparsity"] in sparsities)]

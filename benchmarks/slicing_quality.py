@@ -11,48 +11,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import subprocess
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def write_results(name: str, records: list[dict], report: str) -> None:
-    """``results/<name>.jsonl`` (one record per line) and ``results/<name>.md``, each written atomically."""
-    from slice2deploy.utils import atomic_write_text
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(RESULTS / f"{name}.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    atomic_write_text(RESULTS / f"{name}.md", report)
-    print(report)
-
-
-def machine() -> dict:
-    import torch
-    import transformers
-
-    from slice2deploy import __version__
-    from slice2deploy.suite.measure import cpu_name
-
-    return {
-        "cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "slice2deploy": __version__,
-        "python": platform.python_version(),
-    }
+from benchmarks.suite.measure import machine_record
+from benchmarks.suite.results import RESULTS, write_results
 
 
 def run_one(args: argparse.Namespace) -> dict:
     """Load, (slice), evaluate one variant in this process and return its record."""
-    from slice2deploy.api import load
+    from slice2deploy.api import SliceConfig, load, slice_model
     from slice2deploy.data import calibration_batch, load_text, token_stream
     from slice2deploy.evaluate import count_parameters, perplexity
-    from slice2deploy.slicing import SliceConfig, slice_model
+    from slice2deploy.utils import peak_rss_mb
 
     started = time.perf_counter()
     model, tokenizer, resolved = load(args.model)
@@ -70,14 +43,13 @@ def run_one(args: argparse.Namespace) -> dict:
                       widths=sorted(set(model.config.widths)),
                       calibration={"source": args.calib, "samples": args.calib_samples, "seqlen": args.calib_seqlen,
                                    "seed": args.seed})
-    rss_after_slicing = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_after_slicing = peak_rss_mb()
     evaluation = token_stream(tokenizer, load_text(args.data, "evaluation"))
     result = perplexity(model, evaluation, seqlen=args.seqlen, max_tokens=args.max_eval_tokens, progress=False)
     record.update(
         parameters=count_parameters(model), perplexity=result.perplexity, eval_tokens=result.tokens,
         eval_windows=result.windows, eval_seqlen=result.seqlen, eval_seconds=result.seconds, eval_data=args.data,
-        load_seconds=round(load_seconds, 2), peak_rss_mb_slicing=round(rss_after_slicing, 1),
-        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        load_seconds=round(load_seconds, 2), peak_rss_mb_slicing=rss_after_slicing, peak_rss_mb=peak_rss_mb(),
     )
     return record
 
@@ -152,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         records.append(record)
         print(json.dumps({k: record[k] for k in ("variant", "perplexity", "slicing_seconds", "peak_rss_mb")}),
               file=sys.stderr, flush=True)
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_record(),
             "command": "python -m benchmarks.slicing_quality " + " ".join(argv if argv is not None else sys.argv[1:])}
     for record in records:
         record.update(meta)

@@ -19,12 +19,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.suite.results import RESULTS
 
 
 def _plans(cost, spectra, sparsity: float, rules: list[str], round_to: int, min_width: int | None) -> dict:
-    from slice2deploy.schedule import uniform_widths
-    from slice2deploy.spectrum import spectrum_widths
+    from slice2deploy.widths import spectrum_widths, uniform_widths
 
     uniform = uniform_widths(cost.hidden_size, cost.num_positions, sparsity, round_to)
     if cost.tied:
@@ -89,11 +88,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from benchmarks.slicing_quality import machine
-    from slice2deploy.api import load
+    from benchmarks.suite.measure import machine_record
+    from slice2deploy.api import SliceConfig, load, slice_model
     from slice2deploy.data import calibration_batch, load_text, token_stream
     from slice2deploy.evaluate import count_parameters, perplexity
-    from slice2deploy.slicing import SliceConfig, slice_model
     from slice2deploy.spectrum import collect_spectra, parameter_cost
 
     torch.manual_seed(args.seed)
@@ -127,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return perplexity(m, evaluation, seqlen=args.seqlen, max_tokens=args.max_eval_tokens, progress=False).perplexity
 
     dense_ppl = args.dense_perplexity if args.dense_perplexity is not None else evaluate(model)
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_record(),
             "command": "python -m benchmarks.spectrum_widths " + " ".join(argv if argv is not None else sys.argv[1:])}
     header = (f"# {args.model}: uniform vs spectrum-driven widths (per-layer mode, tie kept, round-to "
               f"{args.round_to}) at equal real parameters\n\n"

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from slice2deploy.evaluate import PerplexityResult, windowed_perplexity
+from slice2deploy.runners import context_length, position_ids_from_mask
 from slice2deploy.utils import UserInputError
 
 MODEL_FILE = "model.onnx"  # the export directory layout, shared with exporters.onnx
@@ -209,12 +210,7 @@ class OrtCausalLM:
 
     @property
     def context_length(self) -> int | None:
-        config = self.config
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-            value = config.get(key, (config.get("base_config") or {}).get(key))
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
+        return context_length(self.config)
 
     def tokenizer(self):
         from transformers import AutoTokenizer
@@ -269,7 +265,7 @@ class OrtCausalLM:
             attention_mask = np.ones((input_ids.shape[0], past_length + input_ids.shape[1]), dtype=np.int64)
         attention_mask = np.asarray(attention_mask, dtype=np.int64)
         if position_ids is None:
-            position_ids = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)[:, past_length:]
+            position_ids = position_ids_from_mask(attention_mask, past_length)
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "position_ids": np.asarray(position_ids, dtype=np.int64)}
         for index, (key, value) in enumerate(past):
@@ -319,7 +315,7 @@ class OrtCausalLM:
         pad = pad_token_id if pad_token_id is not None else int(eos[0]) if eos.size else 0
         rng = np.random.default_rng(seed)
         finished = np.zeros(ids.shape[0], dtype=bool)
-        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        positions = position_ids_from_mask(mask)
         step, past, generated = ids, None, [ids]
         for _ in range(max_new_tokens):
             outputs = self._run(self._feeds(step, mask, positions, past))

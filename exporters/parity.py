@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from slice2deploy.runners import position_ids_from_mask
 from slice2deploy.utils import Slice2DeployError
 
 # (inputs by graph input name) -> (outputs by graph output name); one for PyTorch, one for the runtime.
@@ -50,9 +51,7 @@ class Tolerance:
         return self.atol + self.rtol * scale
 
 
-def position_ids(attention_mask: np.ndarray, past_length: int) -> np.ndarray:
-    """Positions of the new tokens: real tokens counted from 0, padding clipped to 0."""
-    return np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)[:, past_length:].astype(np.int64)
+position_ids = position_ids_from_mask  # positions of the new tokens: real tokens counted from 0, padding at 0
 
 
 def _inputs(ids: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import MANIFEST_FILE, read_manifest, save_sliced, versions
-from .evaluate import count_parameters, perplexity
-from .slicing import SliceConfig, slice_model
-from .utils import Slice2DeployError, UserInputError, check_output_dir, sha256_bytes
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from .checkpoint import MANIFEST_FILE, read_manifest, save_sliced
+from .evaluate import count_parameters
+from .loading import load
+from .runners import backend_for, context_length, open_runner
+from .slicing import BasisFn, SliceConfig, slice_per_layer
+from .spectrum import parameter_cost
+from .uniform import slice_uniform_mode
+from .utils import UserInputError, check_output_dir, peak_rss_mb, sha256_bytes
+from .widths import budget_widths, per_layer_widths, uniform_width_for_target
 
 
 @dataclass
@@ -35,52 +36,14 @@ class CalibrationConfig:
             raise UserInputError(f"calibration seqlen must be >= 2, got {self.seqlen}")
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise UserInputError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+@dataclass
+class EvalConfig:
+    """Which text a perplexity is measured on, and how: windows of ``seqlen`` tokens, the first ``max_tokens``."""
 
-
-def check_device(device: str) -> str:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserInputError(f"--device {device} was asked for but no CUDA GPU is visible to PyTorch")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise UserInputError(f"unknown device {device!r}; use cpu or cuda[:N]")
-    return device
-
-
-def model_context(config) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def parameter_dtype(model: torch.nn.Module) -> str:
-    """The one floating-point dtype of ``model``'s parameters (``"float16"``, ...).
-
-    Raises:
-        Slice2DeployError: the parameters are in more than one dtype (a model that would not run as reported).
-    """
-    found = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
-    if len(found) != 1:
-        raise Slice2DeployError(f"the model's parameters are in several dtypes ({', '.join(found)}); "
-                                "this is a slice2deploy bug, please report it")
-    return found[0]
-
-
-def load(spec: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
-    """Load any model slice2deploy accepts (built-in alias, hub id, local or sliced directory, GGUF file)."""
-    from .sources import load_model
-
-    model, tokenizer, resolved = load_model(spec, dtype=torch_dtype(dtype), device=check_device(device),
-                                            trust_remote_code=trust_remote_code)
-    return model, tokenizer, resolved
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+    data: str = "builtin"
+    seqlen: int = 512
+    batch_size: int = 4
+    max_tokens: int | None = None
 
 
 @dataclass
@@ -107,23 +70,30 @@ def resolve_widths(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if plan.widths == "uniform" and plan.target_params is None:
         return
     if config.mode == "uniform":
-        from .uniform import uniform_width_for_target
-
         if plan.widths == "spectrum":
             raise UserInputError("uniform mode has one width for the whole stream: --widths spectrum needs "
                                  "--mode per-layer")
         config.widths = [uniform_width_for_target(model.config, plan.target_params, config.round_to)]
     else:
-        from .slicing import plan_widths as uniform_plan
-        from .spectrum import parameter_cost, plan_widths
-
         target = plan.target_params
         if target is None:  # the budget of uniform widths at the configured sparsity
             cost = parameter_cost(model, config.tie)
-            target = cost.count(uniform_plan(config, cost.hidden_size, cost.num_positions, cost.tied))
-        config.widths = plan_widths(model, target, plan.widths, input_ids, attention_mask, config.tie,
-                                    config.round_to, batch_size=config.batch_size, device=config.device)
+            target = cost.count(per_layer_widths(config, cost.hidden_size, cost.num_positions, cost.tied))
+        config.widths = budget_widths(model, target, plan.widths, input_ids, attention_mask, config.tie,
+                                      config.round_to, batch_size=config.batch_size, device=config.device)
     config.extra = {**config.extra, "width_plan": asdict(plan)}
+
+
+def slice_model(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config: SliceConfig,
+                basis_fn: BasisFn | None = None, progress: bool = True):
+    """Slice ``model`` (consumed: its modules are transformed in place) on the given calibration tokens.
+
+    Per-layer mode returns a ``SlicedForCausalLM`` (:func:`slice2deploy.slicing.slice_per_layer`); uniform mode a
+    model of the source class with a smaller ``hidden_size`` (:func:`slice2deploy.uniform.slice_uniform_mode`).
+    ``basis_fn`` defaults to PCA; tests pass random orthogonal bases to check that rotation alone is exact.
+    """
+    slice_fn = slice_uniform_mode if config.mode == "uniform" else slice_per_layer
+    return slice_fn(model, input_ids, attention_mask, config, basis_fn, progress)
 
 
 def slicing_record(config) -> dict:
@@ -147,7 +117,7 @@ def slice_pretrained(model_spec: str, output: str | Path, config: SliceConfig, c
     check_output_dir(output, overwrite)  # fail before any expensive work
     started = time.perf_counter()
     model, tokenizer, resolved = load(model_spec, dtype, config.device, trust_remote_code)
-    context = model_context(model.config)
+    context = context_length(model.config)
     if context is not None and calibration.seqlen > context:
         raise UserInputError(f"calibration seqlen {calibration.seqlen} exceeds the model's context of {context} tokens")
     text = load_text(calibration.source, "calibration")
@@ -169,7 +139,7 @@ def slice_pretrained(model_spec: str, output: str | Path, config: SliceConfig, c
         "widths": residual_widths(sliced.config),
         "parameters": {"dense": dense_parameters, "sliced": sliced_parameters},
         "seconds": {"load_and_calibration_data": round(loaded - started, 2), "slicing": round(slicing_seconds, 2)},
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_rss_mb": peak_rss_mb(),
     }
     manifest = {
         "source_model": {"spec": model_spec, "kind": resolved.kind, "path": resolved.path,
@@ -184,46 +154,30 @@ def slice_pretrained(model_spec: str, output: str | Path, config: SliceConfig, c
     return summary
 
 
-def is_onnx_dir(spec: str | Path) -> bool:
-    """Whether ``spec`` is an ONNX export directory (``slice2deploy export onnx``): it holds model.onnx, or at least
-    the export manifest (then the ONNX runner explains what is missing)."""
-    path = Path(spec).expanduser()
-    return path.is_dir() and any((path / name).is_file() for name in ("model.onnx", "slice2deploy_onnx_manifest.json"))
-
-
-def evaluate_pretrained(model_spec: str, data: str = "builtin", seqlen: int = 512, batch_size: int = 4,
-                        max_tokens: int | None = None, dtype: str = "float32", device: str = "cpu",
+def evaluate_pretrained(model_spec: str, data: str = EvalConfig.data, seqlen: int = EvalConfig.seqlen,
+                        batch_size: int = EvalConfig.batch_size, max_tokens: int | None = EvalConfig.max_tokens,
+                        dtype: str = "float32", device: str = "cpu",
                         progress: bool = True, trust_remote_code: bool = False) -> dict:
     """Perplexity of a model (or of an ONNX export, in ONNX Runtime) on the evaluation split of ``data``, with its
     parameter count."""
     from .data import load_text, token_stream
 
-    if is_onnx_dir(model_spec):
-        from exporters.ort import OrtCausalLM, runtime_versions
-
-        model = OrtCausalLM(model_spec, provider=device)
-        tokenizer, context, evaluate = model.tokenizer(), model.context_length, model.perplexity
-        parameters, dtype, backend, library_versions = model.parameters, model.dtype, "onnxruntime", runtime_versions()
-    else:
-        model, tokenizer, resolved = load(model_spec, dtype, device, trust_remote_code)
-        context, evaluate = model_context(model.config), functools.partial(perplexity, model)
-        parameters, backend, library_versions = count_parameters(model)["total"], "pytorch", versions()
-        dtype = parameter_dtype(model)  # report what runs, not what was asked
-    if context is not None and seqlen > context:
-        raise UserInputError(f"seqlen {seqlen} exceeds the model's context of {context} tokens")
+    runner = open_runner(model_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    if runner.context_length is not None and seqlen > runner.context_length:
+        raise UserInputError(f"seqlen {seqlen} exceeds the model's context of {runner.context_length} tokens")
     text = load_text(data, "evaluation")
-    result = evaluate(token_stream(tokenizer, text), seqlen=seqlen, batch_size=batch_size, max_tokens=max_tokens,
-                      progress=progress)
+    result = runner.perplexity(token_stream(runner.tokenizer, text), seqlen=seqlen, batch_size=batch_size,
+                               max_tokens=max_tokens, progress=progress)
     return {
         "model": model_spec,
         "data": text.name,
         "data_sha256": text.sha256,
         **result.to_dict(),
-        "parameters": parameters,
-        "dtype": dtype,
+        "parameters": runner.parameters,
+        "dtype": runner.dtype,
         "device": device,
-        "backend": backend,
-        "versions": library_versions,
+        "backend": runner.backend,
+        "versions": runner.versions,
     }
 
 
@@ -232,28 +186,13 @@ def generate_text(model_spec: str, prompt: str, max_new_tokens: int = 32, chat: 
     """Greedy continuation of ``prompt`` (with the KV cache); ONNX export directories run in ONNX Runtime."""
     if max_new_tokens < 1:
         raise UserInputError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
-    onnx = is_onnx_dir(model_spec)
-    if onnx:
-        from exporters.ort import OrtCausalLM
-
-        model = OrtCausalLM(model_spec, provider=device)
-        tokenizer = model.tokenizer()
-    else:
-        model, tokenizer, _ = load(model_spec, dtype, device, trust_remote_code)
+    runner = open_runner(model_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = runner.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                    add_generation_prompt=True)
     else:
         text = prompt
-    if onnx:
-        ids = tokenizer(text, return_tensors="np")["input_ids"]
-        output = model.generate(ids, max_new_tokens, eos_token_id=model.eos_token_ids() or tokenizer.eos_token_id)
-        return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
-    inputs = tokenizer(text, return_tensors="pt").to(device)
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return runner.generate(text, max_new_tokens)
 
 
 def describe_checkpoint(directory: str | Path) -> dict:
@@ -265,14 +204,9 @@ def describe_checkpoint(directory: str | Path) -> dict:
     if not config_file.is_file():
         raise UserInputError(f"{path} is not a model directory (no config.json)")
     config = json.loads(config_file.read_text())
-    if is_onnx_dir(path):
-        from exporters.ort import graph_summary
-
-        summary = graph_summary(path / "model.onnx")
-        sizes = [p.stat().st_size for p in path.iterdir() if p.suffix in (".onnx", ".data", ".onnx_data")]
-        manifests = {p.name: json.loads(p.read_text()) for p in path.glob("slice2deploy_*manifest.json")}
-        return {"directory": str(path.resolve()), "model_type": f"onnx ({config.get('model_type')})",
-                "parameters": summary["parameters"], "size_bytes": sum(sizes), "manifests": manifests}
+    backend = backend_for(path)
+    if backend is not None and backend.describe is not None:  # an exported artifact (ONNX export directory)
+        return backend.describe(path, config)
     weight_files = sorted(path.glob("*.safetensors"))
     parameters = 0
     for weight_file in weight_files:

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import Adapter, get_adapter
-from .slicing import _StopForward, capture_layer_inputs
+from .capture import StopForward, capture_layer_inputs
 
 CHECK_TOLERANCE = 1e-3  # relative: a layer must be x + Σ writers(...) for the stage-wise residual bookkeeping
 
@@ -119,14 +119,14 @@ def _writer_inputs(layer: nn.Module, writer: nn.Linear, batches, hidden: list[to
 
     def hook(module, args):
         captured.append(args[0].detach())
-        raise _StopForward
+        raise StopForward
 
     handle = writer.register_forward_pre_hook(hook)
     try:
         for batch, h in zip(batches, hidden):
             try:
                 _call_layer(layer, h, batch.kwargs)
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         handle.remove()

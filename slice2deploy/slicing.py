@@ -17,11 +17,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import Adapter, get_adapter
+from .capture import LayerInputs, capture_layer_inputs
 from .fold import TieMode, fold_norms
 from .modeling import SlicedConfig, SlicedDecoderLayer, SlicedForCausalLM, SlicedRMSNorm
 from .pca import CovarianceAccumulator, pca_basis, random_orthogonal
-from .schedule import uniform_widths, validate_sparsity
+from .rotation import project, rotate_embedding, rotate_reader, rotate_writer
 from .utils import UserInputError
+from .widths import per_layer_widths, validate_sparsity
+
+DEFAULT_REFIT_RIDGE = 1e-3  # refit=True in a recipe; measured on SmolLM2 (benchmarks/results/slicing_modes_smollm2.md)
 
 # basis(position, covariance) -> orthogonal d × d matrix (float64) in the covariance's coordinates, columns sorted
 # by importance (PCA: eigenvectors by decreasing eigenvalue)
@@ -78,72 +82,6 @@ class SliceConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-@dataclass
-class _Batch:
-    hidden: torch.Tensor  # (B, T, width of the current position), on the storage device
-    mask: torch.Tensor  # (B, T) 1 = real token
-    kwargs: dict  # what the model passes to every decoder layer (masks, rotary embeddings, ...)
-
-
-class _StopForward(Exception):
-    pass
-
-
-def capture_layer_inputs(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         batch_size: int, device: torch.device) -> list[_Batch]:
-    """Run the model up to its first decoder layer and keep that layer's inputs and keyword arguments."""
-    first_layer = adapter.get_layers(model)[0]
-    captured: dict = {}
-
-    def hook(module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = dict(kwargs)
-        raise _StopForward
-
-    batches = []
-    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for start in range(0, input_ids.shape[0], batch_size):
-            ids = input_ids[start : start + batch_size].to(device)
-            mask = attention_mask[start : start + batch_size].to(device)
-            try:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _StopForward:
-                pass
-            batches.append(_Batch(captured["hidden"].detach(), mask, captured["kwargs"]))
-    finally:
-        handle.remove()
-    return batches
-
-
-def rotate_reader(linear: nn.Linear, basis: torch.Tensor) -> None:
-    """Reader ``y = W x``: ``W ← W Q`` (Q is d × k, the kept columns of the position's basis)."""
-    weight = linear.weight.detach().to(torch.float64)
-    linear.weight = nn.Parameter((weight @ basis).to(linear.weight.dtype))
-    linear.in_features = basis.shape[1]
-
-
-def rotate_writer(linear: nn.Linear, basis: torch.Tensor) -> None:
-    """Writer ``y = W x + b`` into the stream: ``W ← Qᵀ W``, ``b ← Qᵀ b``."""
-    weight = linear.weight.detach().to(torch.float64)
-    linear.weight = nn.Parameter((basis.T @ weight).to(linear.weight.dtype))
-    if linear.bias is not None:
-        linear.bias = nn.Parameter((basis.T @ linear.bias.detach().to(torch.float64)).to(linear.bias.dtype))
-    linear.out_features = basis.shape[1]
-
-
-def rotate_embedding(embedding: nn.Embedding, basis: torch.Tensor) -> None:
-    weight = embedding.weight.detach().to(torch.float64)
-    embedding.weight = nn.Parameter((weight @ basis).to(embedding.weight.dtype))
-    embedding.embedding_dim = basis.shape[1]
-
-
-def _project(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Activations into (or, with ``basis.T``, out of) a basis; float32 at least, stored in x's dtype."""
-    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    return (x.to(compute) @ basis.to(device=x.device, dtype=compute)).to(x.dtype)
-
-
 def pca_basis_fn(damping: float) -> BasisFn:
     def basis(position: int, covariance: CovarianceAccumulator) -> torch.Tensor:
         return pca_basis(covariance.matrix, damping)[1]
@@ -172,7 +110,7 @@ def incoherent_basis_fn(basis_fn: BasisFn, widths: list[int], seed: int) -> Basi
     return basis
 
 
-def _covariance_of(batches: list[_Batch], values: list[torch.Tensor], dim: int) -> CovarianceAccumulator:
+def _covariance_of(batches: list[LayerInputs], values: list[torch.Tensor], dim: int) -> CovarianceAccumulator:
     covariance = CovarianceAccumulator(dim, device=values[0].device)
     for batch, value in zip(batches, values):
         covariance.add(value, batch.mask)
@@ -180,7 +118,7 @@ def _covariance_of(batches: list[_Batch], values: list[torch.Tensor], dim: int) 
 
 
 def _slice_stage(layer: SlicedDecoderLayer, stage: dict, readers: tuple[str, ...], writers: tuple[str, ...],
-                 batches: list[_Batch], basis: torch.Tensor, width_in: int, width_out: int, position: int,
+                 batches: list[LayerInputs], basis: torch.Tensor, width_in: int, width_out: int, position: int,
                  basis_fn: BasisFn) -> torch.Tensor:
     """Rotate/slice one stage and return the full d × d basis of its output position.
 
@@ -207,7 +145,7 @@ def _slice_stage(layer: SlicedDecoderLayer, stage: dict, readers: tuple[str, ...
     shortcut = layer.shortcut(stage)
     shortcut.weight = nn.Parameter(kept[:width_in].T.contiguous().to(shortcut.weight.dtype))  # (Q_inᵀ Q_out)ᵀ
     for batch, output in zip(batches, outputs):
-        batch.hidden = _project(output, kept)
+        batch.hidden = project(output, kept)
     return basis @ relative
 
 
@@ -226,39 +164,12 @@ def _finish_head(model: nn.Module, adapter: Adapter, tied: bool, basis_last: tor
         rotate_reader(model.get_submodule(adapter.head), basis_last)
 
 
-def num_positions(adapter: Adapter, num_layers: int) -> int:
-    return num_layers * len(adapter.stages) + 1
-
-
-def plan_widths(config: SliceConfig, d: int, positions: int, tied: bool) -> list[int]:
-    """Uniform widths; a head tied to the embedding keeps the embedding position at full width.
-
-    A tied head can only use the embedding's kept subspace, and the embedding position's PCA (token
-    embeddings) knows nothing about what the head needs: slicing it too cost ~2x perplexity on SmolLM2 at
-    25% sparsity. Keeping that one position whole costs ~0.3 M parameters (a few d x k matrices in layer 0
-    and the final mix) and keeps the shared vocab x d matrix stored once.
+def slice_per_layer(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    config: SliceConfig, basis_fn: BasisFn | None = None, progress: bool = True) -> nn.Module:
+    """Slice ``model`` (consumed: its modules are transformed in place) to a ``SlicedForCausalLM``: a basis per
+    residual position (the paper). ``basis_fn`` defaults to PCA of each position's calibration covariance; tests
+    pass random orthogonal bases to check that rotation alone is exact. Both modes: ``slice2deploy.api.slice_model``.
     """
-    if config.widths is None:
-        widths = uniform_widths(d, positions, config.sparsity, config.round_to)
-        if tied:
-            widths[0] = d
-        return widths
-    widths = [int(w) for w in config.widths]
-    if len(widths) != positions or not all(1 <= w <= d for w in widths):
-        raise UserInputError(f"explicit widths must be {positions} integers in [1, {d}]")
-    return widths
-
-
-def slice_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                config: SliceConfig, basis_fn: BasisFn | None = None, progress: bool = True) -> nn.Module:
-    """Slice ``model`` (consumed: its modules are transformed in place) on the given calibration tokens.
-
-    Per-layer mode returns a ``SlicedForCausalLM``; uniform mode a model of the source class with a smaller
-    ``hidden_size`` (see ``slice2deploy.uniform``). ``basis_fn`` defaults to PCA of each position's calibration
-    covariance; tests pass random orthogonal bases to check that rotation alone is exact.
-    """
-    if config.mode == "uniform":
-        return _slice_uniform(model, input_ids, attention_mask, config, basis_fn, progress)
     adapter = get_adapter(model.config)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -271,7 +182,7 @@ def slice_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         d, eps = adapter.hidden_size(model.config), adapter.norm_eps(model.config)
         layers = adapter.get_layers(model)
         stages = [stage.as_dict() for stage in adapter.stages]
-        widths = plan_widths(config, d, num_positions(adapter, len(layers)), tied)
+        widths = per_layer_widths(config, d, adapter.num_positions(len(layers)), tied)
         if config.incoherence:
             basis_fn = incoherent_basis_fn(basis_fn, widths, config.rotation_seed)
         batches = capture_layer_inputs(model, adapter, input_ids, attention_mask, config.batch_size, device)
@@ -280,7 +191,7 @@ def slice_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         for path in adapter.embeddings:
             rotate_embedding(model.get_submodule(path), basis_first)
         for batch in batches:
-            batch.hidden = _project(batch.hidden, basis_first)
+            batch.hidden = project(batch.hidden, basis_first)
         position = 0
         for index in tqdm(range(len(layers)), desc="slicing layers", disable=not progress):
             layer_widths = widths[position : position + len(stages) + 1]
@@ -296,20 +207,6 @@ def slice_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     sliced = SlicedForCausalLM(sliced_config, base=model)
     sliced.generation_config = model.generation_config
     return sliced.eval()
-
-
-def _slice_uniform(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   config: SliceConfig, basis_fn, progress: bool) -> nn.Module:
-    from .uniform import slice_uniform, uniform_width_for_sparsity
-
-    width = config.widths[0] if config.widths else uniform_width_for_sparsity(model.config, config.sparsity,
-                                                                              config.round_to)
-    model.eval().to(torch.device(config.device))
-    standard, info = slice_uniform(model, input_ids, attention_mask, width, config.pooling, config.damping,
-                                   config.batch_size, basis_fn, progress, refit_ridge=config.refit,
-                                   rotation_seed=config.rotation_seed if config.incoherence else None)
-    standard.config.slice2deploy = {**info, **config.to_dict(), "widths": None}
-    return standard
 
 
 def _sliced_config(model: nn.Module, adapter: Adapter, config: SliceConfig, widths: list[int], tied: bool,

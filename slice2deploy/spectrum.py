@@ -1,6 +1,6 @@
-"""Per-position widths from the residual stream's eigenvalue spectra under a global parameter budget.
+"""What per-position widths cost and what the residual stream's spectra say (per-layer mode).
 
-Three pieces, all for the per-layer mode of :func:`slice2deploy.slicing.slice_model`:
+Two pieces, used by the budget planners of :mod:`slice2deploy.widths`:
 
 - :class:`ParameterCost`: the *exact* parameter count of the sliced model as a function of its widths,
   derived from the adapter's declarations (embeddings, readers, writers, shortcuts, final norm, head), so it
@@ -8,22 +8,19 @@ Three pieces, all for the per-layer mode of :func:`slice2deploy.slicing.slice_mo
   ``constant + Σ_p linear[p]·w_p + Σ_(p,q) w_p·w_q`` (one product per residual shortcut, and the final
   norm's mix for a tied head).
 - :func:`collect_spectra`: the eigenvalue spectrum of every residual position's calibration covariance.
-- :func:`spectrum_widths` / :func:`widths_for_target`: widths (multiples of ``round_to``) whose real
-  count is at most a target, spectrum-driven (greedy) or uniform.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import Adapter, get_adapter
+from .evaluate import count_parameters
 from .fold import TieMode
 from .pca import CovarianceAccumulator
 from .utils import UserInputError
@@ -95,12 +92,9 @@ def _stage_terms(layer: nn.Module, stage, adapter: Adapter, position: int, linea
 
 def parameter_cost(model: nn.Module, tie: TieMode | str = TieMode.KEEP) -> ParameterCost:
     """The :class:`ParameterCost` of slicing ``model`` (dense, folded or not; not modified) in per-layer mode."""
-    from .evaluate import count_parameters
-    from .slicing import num_positions
-
     adapter = get_adapter(model.config)
     layers = adapter.get_layers(model)
-    positions = num_positions(adapter, len(layers))
+    positions = adapter.num_positions(len(layers))
     linear, products, constant = [0] * positions, [], 0
     accounted: set[int] = set()
     for path in adapter.embeddings:
@@ -196,7 +190,7 @@ def collect_spectra(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     norm's input. Folding RMSNorms leaves the stream unchanged; folding LayerNorms centres it, so for
     LayerNorm families the covariance is projected on the zero-mean subspace (exactly the folded model's).
 
-    Approximation: ``slice_model`` computes each basis on the activations of the *already sliced* model;
+    Approximation: ``slice_per_layer`` computes each basis on the activations of the *already sliced* model;
     these spectra are those of the dense stream, so later positions differ slightly from what slicing sees.
     """
 
@@ -214,143 +208,3 @@ def _spectrum(accumulator: CovarianceAccumulator, centre: bool) -> torch.Tensor:
         h = projector @ h @ projector
     eigenvalues = torch.linalg.eigvalsh(h).clamp_min(0).flip(0)
     return eigenvalues.cpu()
-
-
-# --- width allocation --------------------------------------------------------------------------------------------
-
-class Objective(str, Enum):
-    """What a position gains from keeping more coordinates (per position, normalised by its total variance).
-
-    Measured on SmolLM2-135M (benchmarks/results/widths_smollm2.md, equal real parameters): bulk-variance ties
-    uniform widths at the 0.25 budget and is slightly worse at 0.40; plain variance is worse at both (it starves
-    the massive-activation positions). Uniform widths remain the safe default of ``slice_model``.
-    """
-
-    VARIANCE = "variance"  # explained fraction of the variance: Σ_{i<w} λ_i / Σ λ_i
-    LOG_RESIDUAL = "log-residual"  # -log of the unexplained fraction (floored): halving any residual pays alike
-    # explained fraction of the variance *beyond the top min_width eigenvalues*, which every position keeps anyway:
-    # a few massive-activation directions (98% of the variance of half of SmolLM2's positions) then no longer
-    # make a position look fully explained at any width
-    BULK_VARIANCE = "bulk-variance"
-
-
-def allowed_widths(hidden_size: int, round_to: int, min_width: int) -> list[int]:
-    """Multiples of ``round_to`` in [min_width, d], plus d itself (full width is always allowed)."""
-    if round_to < 1:
-        raise UserInputError(f"round_to must be >= 1, got {round_to}")
-    widths = [w for w in range(round_to, hidden_size + 1, round_to) if w >= min_width]
-    return widths if widths and widths[-1] == hidden_size else [*widths, hidden_size]
-
-
-def _scores(spectrum: torch.Tensor, objective: Objective, floor: float, kept: int) -> list[float]:
-    """score[w] for w = 0..d: how much of the position a width w keeps (``kept``: the smallest width)."""
-    lam = spectrum.to(torch.float64).clamp_min(0)
-    if objective == Objective.BULK_VARIANCE:
-        lam = torch.cat([torch.zeros(kept, dtype=lam.dtype), lam[kept:]])
-    total = float(lam.sum()) or 1.0
-    explained = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(lam, 0)]) / total  # (d + 1,)
-    if objective in (Objective.VARIANCE, Objective.BULK_VARIANCE):
-        return explained.tolist()
-    return (-torch.log((1.0 - explained).clamp_min(0) + floor)).tolist()
-
-
-def _start_widths(cost: ParameterCost, choices: list[int]) -> list[int]:
-    widths = [choices[0]] * cost.num_positions
-    if cost.tied:  # the tied embedding position keeps full width (see slicing._plan_widths)
-        widths[0] = cost.hidden_size
-    return widths
-
-
-def _full_widths(cost: ParameterCost) -> list[int]:
-    return [cost.hidden_size] * cost.num_positions
-
-
-def _check_budget(cost: ParameterCost, start: list[int], target_params: int) -> None:
-    smallest = cost.count(start)
-    if target_params < smallest:
-        raise UserInputError(
-            f"target of {target_params:,} parameters is below the smallest allowed sliced model ({smallest:,} with "
-            f"widths of {min(start)}); raise the target or lower min_width/round_to (dense: {cost.dense:,})")
-
-
-def spectrum_widths(spectra: Sequence[torch.Tensor], cost: ParameterCost, target_params: int, round_to: int = 8,
-                    min_width: int | None = None, objective: Objective | str = Objective.BULK_VARIANCE,
-                    floor: float = 1e-3) -> list[int]:
-    """Per-position widths with ``cost.count(widths) <= target_params``, greedy on spectrum gain per parameter.
-
-    Starts at the smallest allowed widths (``min_width``, default ``round_to``; a tied embedding position at
-    full width) and repeatedly widens, by one step of ``round_to``, the position whose gain (``objective``,
-    from its spectrum) per added parameter is largest among the steps that still fit the budget; stops when
-    none fits, so the count is within one step of the target. A target at or above the full-width sliced
-    model's count returns full widths (per-layer slicing at full width is *larger* than the dense model:
-    shortcuts). A target below the smallest allowed model raises ``UserInputError``.
-    """
-    if len(spectra) != cost.num_positions:
-        raise UserInputError(f"{len(spectra)} spectra for {cost.num_positions} residual positions")
-    objective = Objective(objective)
-    choices = allowed_widths(cost.hidden_size, round_to, round_to if min_width is None else min_width)
-    widths = _start_widths(cost, choices)
-    _check_budget(cost, widths, target_params)
-    if target_params >= cost.count(_full_widths(cost)):
-        return _full_widths(cost)
-    scores = [_scores(s, objective, floor, choices[0]) for s in spectra]
-    following = {w: choices[i + 1] for i, w in enumerate(choices[:-1])}
-    used = cost.count(widths)
-    while True:
-        best, best_ratio = None, -math.inf
-        for position, width in enumerate(widths):
-            wider = following.get(width)
-            if wider is None or (cost.tied and position == 0):
-                continue
-            added = cost.change(widths, position, wider)
-            if used + added > target_params:
-                continue
-            ratio = (scores[position][wider] - scores[position][width]) / added
-            if ratio > best_ratio:
-                best, best_ratio = (position, wider, added), ratio
-        if best is None:
-            return widths
-        position, widths[position], added = best
-        used += added
-
-
-def widths_for_target(cost: ParameterCost, target_params: int, round_to: int = 8) -> list[int]:
-    """Uniform widths (the largest multiple of ``round_to``, or d) whose real count is <= ``target_params``.
-
-    A tied embedding position keeps full width, as in ``slice_model``'s uniform plan; a target at or above the
-    full-width count returns full widths; a target below the ``round_to``-wide model raises ``UserInputError``.
-    """
-    choices = allowed_widths(cost.hidden_size, round_to, round_to)
-    start = _start_widths(cost, choices)
-    _check_budget(cost, start, target_params)
-    best = start
-    for width in choices:
-        widths = [width] * cost.num_positions
-        if cost.tied:
-            widths[0] = cost.hidden_size
-        if cost.count(widths) > target_params:
-            break
-        best = widths
-    return best
-
-
-def plan_widths(model: nn.Module, target_params: int, rule: str = "spectrum", input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, tie: TieMode | str = TieMode.KEEP, round_to: int = 8,
-                min_width: int | None = None, objective: Objective | str = Objective.BULK_VARIANCE,
-                batch_size: int = 8, device: str | torch.device = "cpu") -> list[int]:
-    """Widths for ``SliceConfig(widths=...)`` whose real count is <= ``target_params``: ``rule`` "uniform" or
-    "spectrum" (which needs the calibration ``input_ids``; one extra forward pass of the dense model).
-
-    Call it on the dense model *before* ``slice_model`` consumes it, with the same tie mode and calibration.
-    """
-    cost = parameter_cost(model, tie)
-    if rule == "uniform":
-        return widths_for_target(cost, target_params, round_to)
-    if rule != "spectrum":
-        raise UserInputError(f"unknown widths rule {rule!r}; choose uniform or spectrum")
-    if input_ids is None:
-        raise UserInputError("spectrum widths need calibration input_ids")
-    _check_budget(cost, _start_widths(cost, allowed_widths(cost.hidden_size, round_to, min_width or round_to)),
-                  target_params)  # fail before the forward pass
-    spectra = collect_spectra(model, input_ids, attention_mask, batch_size, device)
-    return spectrum_widths(spectra, cost, target_params, round_to, min_width, objective)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-import warnings
 from collections.abc import Callable
 from enum import Enum
 
@@ -34,10 +33,10 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from .adapters import Adapter, get_adapter
 from .fold import TieMode, fold_norms
 from .pca import CovarianceAccumulator, pca_basis, random_orthogonal
-from .schedule import uniform_width
-from .slicing import rotate_embedding, rotate_reader, rotate_writer
+from .rotation import rotate_embedding, rotate_reader, rotate_writer
 from .spectrum import position_covariances
 from .utils import UserInputError
+from .widths import uniform_config, uniform_width_for_sparsity, width_error
 
 
 class Pooling(str, Enum):
@@ -66,57 +65,6 @@ def pooled_covariance(accumulators: list[CovarianceAccumulator], pooling: Poolin
             covariance = covariance / torch.trace(covariance).clamp_min(1e-30)
         pooled += covariance
     return pooled
-
-
-def uniform_config(config, k: int, d: int, eps: float):
-    """The source config with ``hidden_size = k``: head geometry kept, eps rescaled, head untied."""
-    new = copy.deepcopy(config)
-    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
-    new.hidden_size = k
-    new.head_dim = head_dim
-    new.rms_norm_eps = eps * d / k
-    new.tie_word_embeddings = False
-    return new
-
-
-def width_error(config, width: int) -> str | None:
-    """Why the source family's config class refuses ``hidden_size = width`` (None when it accepts it).
-
-    Some classes validate more than the modelling code needs: transformers' ``LlamaConfig`` demands
-    ``hidden_size % num_attention_heads == 0`` even with an explicit ``head_dim`` and refuses to save otherwise,
-    so a standard Llama checkpoint can only have such widths (SmolLM2, 9 heads: multiples of 9).
-    """
-    d = int(config.hidden_size)
-    candidate = uniform_config(config, width, d, float(getattr(config, "rms_norm_eps", 1e-6)))
-    validate = getattr(candidate, "validate", None)
-    if validate is None:
-        return None
-    try:
-        validate()
-    except Exception as error:  # noqa: BLE001 - transformers raises several types; the message is what matters
-        cause = getattr(error, "__cause__", None) or error
-        return str(cause).strip().splitlines()[-1]
-    return None
-
-
-def valid_widths(config, round_to: int = 8) -> list[int]:
-    """Widths (descending) the standard checkpoint can have: multiples of ``round_to`` its config accepts, and d."""
-    d = int(config.hidden_size)
-    candidates = sorted({d, *range(round_to, d + 1, round_to)}, reverse=True)
-    return [width for width in candidates if width == d or width_error(config, width) is None]
-
-
-def uniform_width_for_sparsity(config, sparsity: float, round_to: int = 8) -> int:
-    """The largest valid width at most ``(1 - sparsity) d`` (see :func:`valid_widths`)."""
-    limit = uniform_width(int(config.hidden_size), sparsity, round_to)
-    allowed = [width for width in valid_widths(config, round_to) if width <= limit]
-    if not allowed:
-        raise UserInputError(f"no uniform width <= {limit} is a multiple of {round_to} that "
-                             f"{type(config).__name__} accepts ({width_error(config, limit)}); change --round-to")
-    if allowed[0] != limit:
-        warnings.warn(f"uniform width {allowed[0]} instead of {limit}: {type(config).__name__} refuses hidden_size "
-                      f"{limit} ({width_error(config, limit)}); a smaller --round-to gives more choice", stacklevel=2)
-    return allowed[0]
 
 
 def rotate_all(model: nn.Module, adapter: Adapter, basis: torch.Tensor) -> None:
@@ -210,21 +158,14 @@ def slice_uniform(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return standard, info
 
 
-def uniform_parameter_count(config, width: int) -> int:
-    """Exact parameters of the uniform-mode model of hidden size ``width`` (built on the meta device)."""
-    d = int(config.hidden_size)
-    eps = float(getattr(config, "rms_norm_eps", 1e-6))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(uniform_config(config, width, d, eps))
-    return sum(p.numel() for p in model.parameters())
-
-
-def uniform_width_for_target(config, target_params: int, round_to: int = 8) -> int:
-    """The largest valid width (see :func:`valid_widths`) whose uniform-mode model has <= ``target_params``."""
-    candidates = valid_widths(config, round_to)
-    for width in candidates:
-        if uniform_parameter_count(config, width) <= target_params:
-            return width
-    smallest = uniform_parameter_count(config, candidates[-1])
-    raise UserInputError(f"target of {target_params:,} parameters is below the smallest uniform-mode model "
-                         f"({smallest:,} at width {candidates[-1]})")
+def slice_uniform_mode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       config, basis_fn: UniformBasisFn | None = None, progress: bool = True) -> PreTrainedModel:
+    """:func:`slice_uniform` at the width a ``SliceConfig`` asks for; the config is recorded in the model's."""
+    width = config.widths[0] if config.widths else uniform_width_for_sparsity(model.config, config.sparsity,
+                                                                              config.round_to)
+    model.eval().to(torch.device(config.device))
+    standard, info = slice_uniform(model, input_ids, attention_mask, width, config.pooling, config.damping,
+                                   config.batch_size, basis_fn, progress, refit_ridge=config.refit,
+                                   rotation_seed=config.rotation_seed if config.incoherence else None)
+    standard.config.slice2deploy = {**info, **config.to_dict(), "widths": None}
+    return standard

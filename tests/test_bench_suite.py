@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from slice2deploy.suite.measure import measure_variant, memory_bandwidth
-from slice2deploy.suite.report import markdown, pareto_front, summary_table
-from slice2deploy.suite.schema import RECORD_SCHEMA, check_records, validate_record
+from benchmarks.suite.measure import measure_variant, memory_bandwidth
+from benchmarks.suite.report import markdown, pareto_front, summary_table
+from benchmarks.suite.schema import RECORD_SCHEMA, check_records, validate_record
 
 POINT = {"batch": 1, "prompt_tokens": 16, "median_ms": 2.0, "min_ms": 1.5, "max_ms": 2.5, "repeats": 3}
 RECORD = {

@@ -162,7 +162,7 @@ def test_missing_module_deep_in_a_command_is_one_line(monkeypatch, capsys):
 
     parser = argparse.ArgumentParser()
     parser.set_defaults(handler=needs_matplotlib, command="report")
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(cli, "build_parser", lambda argv=None: parser)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert cli.main([]) == 2
     err = capsys.readouterr().err.strip()

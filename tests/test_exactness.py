@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from slice2deploy.adapters import Adapter, Stage, StageKind, get_adapter, register_adapter, registered_adapters
+from slice2deploy.api import SliceConfig, slice_model
 from slice2deploy.fold import TieMode, fold_norms
 from slice2deploy.modeling import SlicedRMSNorm
 from slice2deploy.pca import random_orthogonal
-from slice2deploy.slicing import SliceConfig, slice_model
 from slice2deploy.utils import UserInputError
 
 TOLERANCE = 1e-4

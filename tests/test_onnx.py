@@ -18,9 +18,9 @@ from transformers import DynamicCache
 from exporters.onnx import DATA_FILE, MANIFEST_FILE, MODEL_FILE, OnnxExportConfig, export_onnx, io_names
 from exporters.ort import OrtCausalLM, fused_ops_report
 from exporters.parity import ParityError, Tolerance, check_parity
+from slice2deploy.api import SliceConfig, slice_model
 from slice2deploy.cli import main
 from slice2deploy.evaluate import perplexity
-from slice2deploy.slicing import SliceConfig, slice_model
 from slice2deploy.utils import UserInputError
 
 from .conftest import TINY_TEXT, tiny_model, tiny_tokenizer

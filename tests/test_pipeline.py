@@ -9,11 +9,11 @@ import pytest
 import torch
 import yaml
 
+from benchmarks.pipeline import run_pipeline
+from benchmarks.suite.recipe import load_recipe, validate_recipe
+from benchmarks.suite.schema import validate_record
+from benchmarks.suite.steps import STEP_MANIFEST, Step, run_steps
 from slice2deploy.cli import main
-from slice2deploy.pipeline import run_pipeline
-from slice2deploy.suite.recipe import load_recipe, validate_recipe
-from slice2deploy.suite.schema import validate_record
-from slice2deploy.suite.steps import STEP_MANIFEST, Step, run_steps
 from slice2deploy.utils import UserInputError
 
 pytest.importorskip("onnxruntime")
@@ -169,7 +169,7 @@ def test_shipped_cpu_recipe_is_valid():
     assert recipe.backends == {"pytorch": ["fp32"], "onnxruntime": ["fp32", "int8-dynamic", "int4"]}
     assert recipe.export == {"opset": None, "exporter": "torchscript", "attention": "fused",
                              "attention_chunks": None}
-    from slice2deploy.suite.recipe import quant_settings
+    from benchmarks.suite.recipe import quant_settings
 
     assert quant_settings(recipe.quantize, "int8-dynamic")["smooth_alpha"] == 0.8
 
@@ -243,7 +243,7 @@ def test_cli_reports_a_bad_recipe(tmp_path, capsys, tiny_llama_dir, tiny_text_fi
 
 
 def test_per_mode_quantize_settings():
-    from slice2deploy.suite.recipe import quant_settings
+    from benchmarks.suite.recipe import quant_settings
 
     quantize = {"block_size": 32, "weight_int8": [], "modes": {"int4": {"weight_int8": ["down_proj"]}}}
     assert quant_settings(quantize, "int4")["weight_int8"] == ["down_proj"]

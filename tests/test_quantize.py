@@ -10,7 +10,7 @@ import torch
 
 from exporters.onnx import OnnxExportConfig, export_onnx
 from exporters.quantize import QUANT_MANIFEST, QuantConfig, QuantQualityError, quantize_onnx
-from slice2deploy.slicing import SliceConfig, slice_model
+from slice2deploy.api import SliceConfig, slice_model
 from slice2deploy.utils import UserInputError
 
 from .conftest import tiny_model, tiny_tokenizer

@@ -6,10 +6,9 @@ import math
 
 import pytest
 
-from slice2deploy.api import load
+from slice2deploy.api import SliceConfig, load, slice_model
 from slice2deploy.data import calibration_batch, load_text, token_stream
 from slice2deploy.evaluate import count_parameters, perplexity
-from slice2deploy.slicing import SliceConfig, slice_model
 
 EVAL_TOKENS = 8192  # 16 windows of 512 tokens: enough for a stable perplexity, ~20 s per model on 2 cores
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from slice2deploy.api import SliceConfig, slice_model
 from slice2deploy.checkpoint import REMOTE_CODE_FILE, save_sliced
 from slice2deploy.evaluate import count_parameters
-from slice2deploy.schedule import uniform_width
-from slice2deploy.slicing import SliceConfig, slice_model
 from slice2deploy.utils import UserInputError
+from slice2deploy.widths import uniform_width
 
 from .conftest import tiny_model
 

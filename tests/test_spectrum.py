@@ -8,21 +8,18 @@ import random
 import pytest
 import torch
 
+from slice2deploy.api import SliceConfig, slice_model
 from slice2deploy.evaluate import count_parameters
 from slice2deploy.pca import pca_basis
-from slice2deploy.slicing import SliceConfig, slice_model
 from slice2deploy.spectrum import (
     ParameterCost,
-    allowed_widths,
     collect_spectra,
     parameter_cost,
     parameter_cost_from_config,
-    plan_widths,
     sliced_parameter_count,
-    spectrum_widths,
-    widths_for_target,
 )
 from slice2deploy.utils import UserInputError
+from slice2deploy.widths import allowed_widths, budget_widths, spectrum_widths, widths_for_target
 
 from .conftest import tiny_model
 
@@ -188,8 +185,8 @@ def test_plan_widths_then_slice(rule):
     model = tiny_model("opt")
     ids = _calibration(model)
     target = int(0.8 * count_parameters(model)["total"])
-    widths = plan_widths(model, target, rule, input_ids=ids, tie="untie")
+    widths = budget_widths(model, target, rule, input_ids=ids, tie="untie")
     sliced = slice_model(copy.deepcopy(model), ids, None, SliceConfig(widths=widths, tie="untie"), progress=False)
     assert count_parameters(sliced)["total"] <= target
     with pytest.raises(UserInputError, match="below the smallest"):
-        plan_widths(model, 100, rule, input_ids=ids)
+        budget_widths(model, 100, rule, input_ids=ids)

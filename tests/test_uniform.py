@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 
+from slice2deploy.api import SliceConfig, slice_model
 from slice2deploy.checkpoint import REMOTE_CODE_FILE, save_sliced
 from slice2deploy.evaluate import count_parameters
 from slice2deploy.pca import random_orthogonal
-from slice2deploy.slicing import SliceConfig, slice_model
 from slice2deploy.uniform import Pooling
 from slice2deploy.utils import UserInputError
 
@@ -138,7 +138,7 @@ def test_cli_uniform_mode_under_a_parameter_budget(tiny_llama_dir, tiny_text_fil
     from transformers import AutoConfig
 
     from slice2deploy.cli import main
-    from slice2deploy.uniform import uniform_parameter_count
+    from slice2deploy.widths import uniform_parameter_count
 
     config = AutoConfig.from_pretrained(tiny_llama_dir)
     target = (uniform_parameter_count(config, 24) + uniform_parameter_count(config, 16)) // 2  # between two widths
@@ -260,7 +260,7 @@ def test_incoherence_rotation_in_uniform_mode_keeps_the_function():
 
 def test_widths_follow_what_the_config_class_accepts(tmp_path):
     """LlamaConfig refuses hidden sizes that are not a multiple of the head count (it would not save)."""
-    from slice2deploy.uniform import uniform_width_for_target, valid_widths, width_error
+    from slice2deploy.widths import uniform_width_for_target, valid_widths, width_error
 
     model = tiny_model("llama", hidden_size=36, num_attention_heads=3, num_key_value_heads=1, head_dim=8)
     assert width_error(model.config, 24) is None and "multiple" in width_error(model.config, 16)

@@ -94,6 +94,10 @@ class Adapter:
     def get_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
 
+    def num_positions(self, num_layers: int) -> int:
+        """Residual positions: the embedding output, the input of every stage, the final norm's input."""
+        return num_layers * len(self.stages) + 1
+
     def runtime_layout(self) -> dict:
         """What the sliced model's forward needs to know, stored in its config (JSON)."""
         return {

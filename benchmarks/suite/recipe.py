@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..cli import DEFAULT_REFIT_RIDGE
-from ..utils import UserInputError
+from slice2deploy.utils import UserInputError
+
 from .profiles import BACKEND_PRECISIONS, PROFILE_KEYS, BenchProfile, get_profile
 
 SECTIONS: dict[str, dict[str, Any]] = {  # section -> its keys and defaults
@@ -105,7 +105,7 @@ def quant_settings(quantize: dict, mode: str) -> dict:
 
 
 def _check_model(spec: Any) -> str:
-    from ..sources import BUILTIN_MODELS, is_hub_id
+    from slice2deploy.sources import BUILTIN_MODELS, is_hub_id
 
     if spec is None or (isinstance(spec, str) and not spec.strip()):
         raise UserInputError("recipe key 'model' is required: a built-in alias (smollm2-135m), a local model "
@@ -264,7 +264,7 @@ def _check_combinations(recipe: Recipe) -> None:
 
 def _check_slice_options(cfg: dict) -> None:
     """Validate the slicing options by building the SliceConfig they describe (its errors, with the recipe key)."""
-    from ..slicing import SliceConfig
+    from slice2deploy.slicing import DEFAULT_REFIT_RIDGE, SliceConfig
 
     if cfg["refit"] is True:
         cfg["refit"] = DEFAULT_REFIT_RIDGE

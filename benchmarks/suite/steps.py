@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..utils import atomic_directory, sha256_file
+from slice2deploy.utils import atomic_directory, sha256_file
 
 STEP_MANIFEST = "step.json"
 STEP_FORMAT = 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from ..utils import UserInputError
+from slice2deploy.utils import UserInputError
 
 BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {
     "pytorch": ("fp32", "fp16", "bf16"),

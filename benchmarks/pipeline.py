@@ -1,6 +1,6 @@
 """``slice2deploy pipeline RECIPE -o OUT``: slice -> eval -> export -> quantize -> (engine) -> bench -> report.
 
-Every step is resume-safe (:mod:`slice2deploy.suite.steps`): ``OUT/<step>/step.json`` records its config and the
+Every step is resume-safe (:mod:`benchmarks.suite.steps`): ``OUT/<step>/step.json`` records its config and the
 hashes of its inputs; a rerun skips finished steps whose manifest and input hashes still match.
 """
 
@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slice2deploy.utils import UserInputError, atomic_write_text
+
 from .suite.profiles import QUANT_MODES
 from .suite.recipe import Recipe, load_recipe
 from .suite.steps import Step, StepStatus, run_steps
-from .utils import UserInputError, atomic_write_text
 
 TORCH_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 RESULT_FILE = "result.json"
@@ -91,8 +92,8 @@ def _write_result(tmp: Path, result: dict) -> dict:
 
 # -- step bodies -----------------------------------------------------------------------------------------------------
 def _slice_step(recipe: Recipe, sparsity: float, progress: bool) -> Step:
-    from .api import CalibrationConfig, slice_pretrained
-    from .slicing import SliceConfig
+    from slice2deploy.api import CalibrationConfig, slice_pretrained
+    from slice2deploy.slicing import SliceConfig
 
     cfg = recipe.slice
     device = recipe.device if recipe.device.startswith("cuda") else "cpu"
@@ -178,21 +179,19 @@ def _engine_step(recipe: Recipe, model: str, precision: str) -> Step:
                 run, [source])
 
 
-def _trt_perplexity(artifact: str, tokens, recipe: Recipe) -> dict:
-    import torch
+def _trt_perplexity(artifact: str, recipe: Recipe) -> dict:
+    """TensorRT engines are evaluated at batch 1 (their profiles' opt shape)."""
+    from slice2deploy.data import load_text, token_stream
+    from slice2deploy.runners import open_runner
 
-    from exporters.tensorrt import ENGINE_FILE, TrtCausalLM
-
-    from .evaluate import windowed_perplexity
-
-    runner = TrtCausalLM(Path(artifact) / ENGINE_FILE, device_index=int(recipe.device.partition(":")[2] or 0))
-    result = windowed_perplexity(lambda ids: runner.forward(ids.numpy())[0].float(), torch.as_tensor(tokens),
-                                 recipe.eval["seqlen"], 1, recipe.eval["max_tokens"], progress=False)
-    return result.to_dict()
+    runner = open_runner(artifact, backend="tensorrt", device=recipe.device)
+    tokens = token_stream(runner.tokenizer, load_text(recipe.eval["data"], "evaluation"))
+    return runner.perplexity(tokens, seqlen=recipe.eval["seqlen"], batch_size=1, max_tokens=recipe.eval["max_tokens"],
+                             progress=False).to_dict()
 
 
 def _eval_step(recipe: Recipe, variant: Variant, progress: bool) -> Step:
-    from .api import evaluate_pretrained
+    from slice2deploy.api import evaluate_pretrained
 
     source = artifact_step(variant)
     cfg = recipe.eval
@@ -202,12 +201,7 @@ def _eval_step(recipe: Recipe, variant: Variant, progress: bool) -> Step:
         if reason is not None:
             return _write_result(tmp, {"status": "rejected", "reason": reason})
         if variant.backend == "tensorrt":
-            from transformers import AutoTokenizer
-
-            from .data import load_text, token_stream
-
-            tokens = token_stream(AutoTokenizer.from_pretrained(artifact), load_text(cfg["data"], "evaluation"))
-            return _write_result(tmp, {"status": "ok", **_trt_perplexity(artifact, tokens, recipe)})
+            return _write_result(tmp, {"status": "ok", **_trt_perplexity(artifact, recipe)})
         result = evaluate_pretrained(artifact, data=cfg["data"], seqlen=cfg["seqlen"], batch_size=cfg["batch_size"],
                                      max_tokens=cfg["max_tokens"], dtype=TORCH_DTYPE.get(variant.precision,
                                                                                          "float32"),
@@ -277,7 +271,7 @@ _SOURCE_HASHES: dict[str, str] = {}
 def source_hash(spec: str) -> str:
     """Content hash of the source model (built-in: its pinned sha256; local: its weights); the spec for hub ids."""
     if spec not in _SOURCE_HASHES:
-        from .sources import resolve_model, weights_sha256
+        from slice2deploy.sources import resolve_model, weights_sha256
 
         resolved = resolve_model(spec)
         path = Path(resolved.path)

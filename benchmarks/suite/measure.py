@@ -1,6 +1,6 @@
 """Measuring one variant: machine description, memory bandwidth, prefill latency, decode throughput, peak memory.
 
-:func:`measure_variant` runs in a fresh process (``python -m slice2deploy.suite.measure SPEC.json OUT.json``,
+:func:`measure_variant` runs in a fresh process (``python -m benchmarks.suite.measure SPEC.json OUT.json``,
 started by :func:`measure_in_subprocess`) so that its peak RSS belongs to that variant alone.
 """
 
@@ -9,19 +9,18 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..utils import Slice2DeployError, UserInputError, atomic_write_text
+from slice2deploy.runners import Runner, open_runner
+from slice2deploy.utils import Slice2DeployError, UserInputError, atomic_write_text, peak_rss_mb
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -63,11 +62,16 @@ def machine(device: str = "cpu") -> dict[str, Any]:
             "device_name": gpu or f"{cpu_name()} ({usable_cores()} cores)"}
 
 
+def machine_record(device: str = "cpu") -> dict[str, Any]:
+    """The machine record of the one-off benchmark scripts: :func:`machine` plus :func:`library_versions`."""
+    return {**machine(device), **library_versions()}
+
+
 def library_versions() -> dict[str, str]:
     """slice2deploy, torch, transformers, python, and onnx / onnxruntime / tensorrt where installed."""
     from importlib import metadata
 
-    from ..checkpoint import versions
+    from slice2deploy.checkpoint import versions
 
     found = versions()
     for name in ("onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "numpy"):
@@ -129,76 +133,9 @@ def summary(times_ms: list[float]) -> dict[str, float]:
 
 
 # -- backends --------------------------------------------------------------------------------------------------------
-@dataclass
-class Runner:
-    """What the timing loops need from a backend: a forward with the KV cache and the weights' footprint."""
-
-    forward: Callable[[np.ndarray, Any], tuple[Any, Any]]  # (ids (B, T), past or None) -> (logits, past)
-    tokenizer: Any
-    weight_bytes: int
-    size_bytes: int
-    parameters: int | None
-
-
-def _dir_bytes(path: Path, suffixes: tuple[str, ...]) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.name.endswith(suffixes))
-
-
-def _torch_runner(artifact: str, precision: str, device: str) -> Runner:
-    import torch
-
-    from ..api import load
-
-    model, tokenizer, resolved = load(artifact, TORCH_DTYPES[precision], device)
-    model.eval()
-    unique = {id(p): p for p in model.parameters()}.values()  # a tied head is stored (and read) once
-
-    @torch.no_grad()
-    def forward(ids: np.ndarray, past: Any) -> tuple[Any, Any]:
-        out = model(input_ids=torch.as_tensor(ids, device=device), cache=past, use_cache=True)
-        return out.logits, out.cache
-
-    path = Path(resolved.path) / resolved.gguf_file if resolved.gguf_file else Path(resolved.path)
-    from ..sources import converted_dir
-
-    if resolved.gguf_file and converted_dir(resolved).is_dir():  # the float32 HF directory the GGUF became
-        path = converted_dir(resolved)
-    size = _dir_bytes(path, (".safetensors", ".bin", ".gguf")) if path.exists() else 0
-    return Runner(forward, tokenizer, sum(p.numel() * p.element_size() for p in unique), size,
-                  sum(p.numel() for p in unique))
-
-
-def _ort_runner(artifact: str, device: str) -> Runner:
-    from exporters.ort import OrtCausalLM
-
-    runner = OrtCausalLM(artifact, provider=device)
-    size = _dir_bytes(Path(artifact), (".onnx", ".data", ".onnx_data"))
-    return Runner(lambda ids, past: runner.forward(ids, past=past), runner.tokenizer(), size, size,
-                  runner.parameters)
-
-
-def _trt_runner(artifact: str, device: str) -> Runner:
-    from transformers import AutoTokenizer
-
-    from exporters.tensorrt import ENGINE_FILE, TrtCausalLM
-
-    engine = Path(artifact) / ENGINE_FILE
-    runner = TrtCausalLM(engine, device_index=int(device.partition(":")[2] or 0))
-    size = engine.stat().st_size
-    return Runner(lambda ids, past: runner.forward(ids, past=past), AutoTokenizer.from_pretrained(artifact), size,
-                  size, None)
-
-
 def make_runner(backend: str, artifact: str, precision: str, device: str) -> Runner:
-    if backend == "pytorch":
-        return _torch_runner(artifact, precision, device)
-    if backend == "onnxruntime":
-        return _ort_runner(artifact, device)
-    if backend == "tensorrt":
-        return _trt_runner(artifact, device)
-    raise UserInputError(f"unknown backend {backend!r}")
+    """``artifact`` on ``backend`` through the core's runner registry (PyTorch at ``precision``'s dtype)."""
+    return open_runner(artifact, backend=backend, dtype=TORCH_DTYPES.get(precision, "float32"), device=device)
 
 
 def _next_tokens(logits: Any) -> np.ndarray:
@@ -212,7 +149,7 @@ def _next_tokens(logits: Any) -> np.ndarray:
 
 def prompt_tokens(tokenizer: Any, data: str, length: int) -> np.ndarray:
     """The first ``length`` ids of the evaluation text (repeated if the text is shorter): real prose, not noise."""
-    from ..data import load_text, token_stream
+    from slice2deploy.data import load_text, token_stream
 
     ids = token_stream(tokenizer, load_text(data, "evaluation")).numpy()
     if ids.size == 0:
@@ -245,18 +182,6 @@ def measure_decode(runner: Runner, tokens: np.ndarray, batch: int, settings: dic
     stats = summary([t / steps for t in times])  # per decode step
     return {"batch": batch, "prompt_tokens": settings["decode_prompt"], "new_tokens": steps, **stats,
             "tok_s": round(batch * 1000.0 / stats["median_ms"], 3)}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size. Linux: VmHWM, which starts afresh at exec (ru_maxrss would carry the
-    parent's peak across fork + exec, so every variant would report the pipeline's own peak)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024.0, 1)  # kB
-    except OSError:
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
 
 
 def gpu_peak_mb(backend: str, device: str) -> float | None:
@@ -300,7 +225,7 @@ def measure_in_subprocess(spec: dict, work: Path, timeout: float | None = None) 
     """:func:`measure_variant` in a fresh Python process; its stderr is shown on failure."""
     spec_file, out_file = work / "measure_spec.json", work / "measure_result.json"
     atomic_write_text(spec_file, json.dumps(spec, indent=1))
-    command = [sys.executable, "-m", "slice2deploy.suite.measure", str(spec_file), str(out_file)]
+    command = [sys.executable, "-m", "benchmarks.suite.measure", str(spec_file), str(out_file)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise Slice2DeployError(f"measuring {spec['variant']} failed (exit {done.returncode}):\n"
@@ -314,7 +239,7 @@ def measure_in_subprocess(spec: dict, work: Path, timeout: float | None = None) 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m slice2deploy.suite.measure SPEC.json OUT.json", file=sys.stderr)
+        print("usage: python -m benchmarks.suite.measure SPEC.json OUT.json", file=sys.stderr)
         return 2
     spec = json.loads(Path(args[0]).read_text())
     atomic_write_text(args[1], json.dumps(measure_variant(spec)))

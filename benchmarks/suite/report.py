@@ -7,7 +7,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..utils import atomic_write_text
+from slice2deploy.utils import atomic_write_text
+
 from .schema import SCHEMA_VERSION, check_records
 
 PLOTS = {"latency": "latency_vs_sparsity.png", "pareto": "perplexity_vs_latency.png", "memory": "memory_size.png"}
