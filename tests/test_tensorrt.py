@@ -303,7 +303,7 @@ def test_config_validation_and_round_trip():
     assert config.resolved_profile().workspace_mib == 512
     assert TrtBuildConfig().snr_floor == 30.0 and config.snr_floor == 8.0
     for bad, match in [({"precision": "fp8"}, "fp16, int8, int4"), ({"profile": "tpu"}, "rtx, datacenter, jetson"),
-                       ({"int4_block_size": 24}, "power of two"), ({"workspace_mib": 8}, "at least 64")]:
+                       ({"int4_block_size": 24}, "16, 32, 64, 128, 256"), ({"workspace_mib": 8}, "at least 64")]:
         with pytest.raises(UserInputError, match=match):
             TrtBuildConfig(**bad)
     with pytest.raises(UserInputError):
