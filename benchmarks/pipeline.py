@@ -280,6 +280,35 @@ def source_hash(spec: str) -> str:
     return _SOURCE_HASHES[spec]
 
 
+def recipe_lengths(recipe: Recipe) -> list[tuple[str, int]]:
+    """Every sequence length the recipe asks the model to take, each with the recipe key that sets it."""
+    profile, calibration = recipe.profile, recipe.slice.get("calibration") or {}
+    lengths = [(f"profile {profile.name}: prompt_lengths", n) for n in profile.prompt_lengths]
+    lengths.append((f"profile {profile.name}: decode_prompt + decode_tokens", profile.decode_prompt
+                    + profile.decode_tokens))
+    if any(s > 0 for s in recipe.sparsities) and calibration.get("seqlen"):
+        lengths.append(("slice.calibration.seqlen", calibration["seqlen"]))
+    lengths.append(("eval.seqlen", recipe.eval["seqlen"]))
+    if any(p in QUANT_MODES for p in recipe.backends.get("onnxruntime", [])):
+        if recipe.quantize.get("method") == "gptq" and recipe.quantize.get("gptq_seqlen"):
+            lengths.append(("quantize.gptq_seqlen", recipe.quantize["gptq_seqlen"]))
+    return lengths
+
+
+def check_lengths(recipe: Recipe) -> None:
+    """Refuse the recipe up front if any length it sets exceeds the model's context (read from its config only).
+
+    Raises:
+        UserInputError: naming the recipe key, the length and the context.
+    """
+    from slice2deploy.runners import check_length, context_length
+    from slice2deploy.sources import model_config
+
+    context = context_length(model_config(recipe.model))
+    for key, tokens in recipe_lengths(recipe):
+        check_length(tokens, context, f"{key}: a sequence", f"it in the recipe ({recipe.path or 'recipe'})")
+
+
 def plan(recipe: Recipe, progress: bool = True) -> list[Step]:
     """The ordered steps of ``recipe``: slice, eval (PyTorch), export, quantize, engine, eval, bench, report."""
     chosen = variants(recipe)
@@ -312,6 +341,7 @@ def run_pipeline(recipe_path: str | Path, out: str | Path, force: bool = False, 
     machine is busy and time them later on a quiet one; a later full run skips what was built.
     """
     recipe = load_recipe(recipe_path)
+    check_lengths(recipe)  # before any step: a window past the context would fail (or mislead) after the builds
     out_dir = Path(out).expanduser().resolve()
     if out_dir.exists() and not out_dir.is_dir():
         raise UserInputError(f"output path {out_dir} exists and is not a directory")

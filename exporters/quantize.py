@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slice2deploy.runners import check_length
 from slice2deploy.utils import Slice2DeployError, UserInputError, atomic_directory, sha256_file
 
 from .ort import OrtCausalLM, check_onnx_dir, runtime_versions
@@ -110,7 +111,7 @@ class QuantConfig:
     # GPTQ's own calibration (the Gram matrices need many more tokens than the quality gate: K up to 1536) and
     # its damping, a fraction of the mean diagonal of X^T X added before inversion
     gptq_samples: int = 32
-    gptq_seqlen: int = 512
+    gptq_seqlen: int | None = None  # None: 512, or the model's context if shorter (recorded in the manifest)
     gptq_damp: float = 0.01
     gptq_first_token_weight: float | None = None  # weight of each sequence's first token in X^T X; None: the seqlen
     snr_floor_db: float | None = None  # None: the mode's default floor
@@ -137,7 +138,7 @@ class QuantConfig:
         if self.block_size is not None and self.block_size not in MATMUL_NBITS_BLOCK_SIZES:
             raise UserInputError(f"block size {self.block_size} is not one ONNX Runtime's block quantizer takes; "
                                  f"choose one of {', '.join(map(str, MATMUL_NBITS_BLOCK_SIZES))}")
-        if min(self.calib_samples, self.gptq_samples) < 1 or min(self.calib_seqlen, self.gptq_seqlen) < 2:
+        if min(self.calib_samples, self.gptq_samples) < 1 or min(self.calib_seqlen, self.gptq_seqlen or 2) < 2:
             raise UserInputError("calibration needs at least 1 sample of at least 2 tokens")
         if self.gptq_first_token_weight is not None and self.gptq_first_token_weight <= 0:
             raise UserInputError(f"gptq_first_token_weight must be > 0, got {self.gptq_first_token_weight}")
@@ -439,6 +440,16 @@ def _blocked_widths(matmuls: list[WeightMatMul], config: QuantConfig) -> set[int
     return widths
 
 
+GPTQ_SEQLEN = 512  # tokens per GPTQ calibration sequence when unset (or the model's context, if shorter)
+
+
+def with_gptq_seqlen(config: QuantConfig, context: int | None) -> QuantConfig:
+    """``config`` with GPTQ's sequence length resolved: 512 tokens, or the model's context if shorter."""
+    if config.gptq_seqlen is not None:
+        return config
+    return replace(config, gptq_seqlen=min(GPTQ_SEQLEN, context or GPTQ_SEQLEN))
+
+
 def with_block_size(config: QuantConfig, matmuls: list[WeightMatMul]) -> QuantConfig:
     """``config`` with its block size chosen from the widths when unset: the largest of AUTO_BLOCK_SIZES dividing
     every blocked input width K, else the first (INT4 then refuses, naming K; INT8 leaves such shortcuts float)."""
@@ -487,6 +498,10 @@ def quantize_onnx(source_dir: str | Path, out_dir: str | Path, config: QuantConf
     if Path(out_dir).expanduser().resolve() == source.resolve():
         raise UserInputError("the output directory must differ from the input (inputs are never modified)")
     reference = OrtCausalLM(source)
+    config = with_gptq_seqlen(config, reference.context_length)
+    check_length(config.calib_seqlen, reference.context_length, "a calibration window", "--calib-seqlen")
+    if config.method == Int4Method.GPTQ:
+        check_length(config.gptq_seqlen, reference.context_length, "a GPTQ calibration window", "--gptq-seqlen")
     graph = onnx.load(str(model_path), load_external_data=False)
     matmuls = weight_matmuls(graph)
     chosen_block = config.block_size is None

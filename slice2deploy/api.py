@@ -12,8 +12,9 @@ import torch
 from .checkpoint import MANIFEST_FILE, read_manifest, save_sliced
 from .evaluate import count_parameters
 from .loading import load
-from .runners import backend_for, context_length, open_runner
+from .runners import backend_for, check_length, context_length, open_runner
 from .slicing import BasisFn, SliceConfig, slice_per_layer
+from .sources import model_config
 from .spectrum import parameter_cost
 from .uniform import slice_uniform_mode
 from .utils import UserInputError, check_output_dir, peak_rss_mb, sha256_bytes
@@ -115,11 +116,10 @@ def slice_pretrained(model_spec: str, output: str | Path, config: SliceConfig, c
     from .data import calibration_batch, load_text
 
     check_output_dir(output, overwrite)  # fail before any expensive work
+    check_length(calibration.seqlen, context_length(model_config(model_spec, trust_remote_code)),
+                 "a calibration window", "--calib-seqlen")
     started = time.perf_counter()
     model, tokenizer, resolved = load(model_spec, dtype, config.device, trust_remote_code)
-    context = context_length(model.config)
-    if context is not None and calibration.seqlen > context:
-        raise UserInputError(f"calibration seqlen {calibration.seqlen} exceeds the model's context of {context} tokens")
     text = load_text(calibration.source, "calibration")
     input_ids, attention_mask = calibration_batch(tokenizer, text, calibration.samples, calibration.seqlen,
                                                   calibration.seed)
@@ -162,9 +162,11 @@ def evaluate_pretrained(model_spec: str, data: str = EvalConfig.data, seqlen: in
     parameter count."""
     from .data import load_text, token_stream
 
+    if backend_for(model_spec) is None:  # a PyTorch model: refuse before loading the weights
+        check_length(seqlen, context_length(model_config(model_spec, trust_remote_code)), "an evaluation window",
+                     "--seqlen")
     runner = open_runner(model_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    if runner.context_length is not None and seqlen > runner.context_length:
-        raise UserInputError(f"seqlen {seqlen} exceeds the model's context of {runner.context_length} tokens")
+    check_length(seqlen, runner.context_length, "an evaluation window", "--seqlen")
     text = load_text(data, "evaluation")
     result = runner.perplexity(token_stream(runner.tokenizer, text), seqlen=seqlen, batch_size=batch_size,
                                max_tokens=max_tokens, progress=progress)
@@ -192,6 +194,10 @@ def generate_text(model_spec: str, prompt: str, max_new_tokens: int = 32, chat: 
                                                     add_generation_prompt=True)
     else:
         text = prompt
+    prompt_tokens = len(runner.tokenizer(text)["input_ids"])
+    check_length(prompt_tokens + max_new_tokens, runner.context_length,
+                 f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {max_new_tokens}: a sequence",
+                 "--max-new-tokens or shorten the prompt")
     return runner.generate(text, max_new_tokens)
 
 

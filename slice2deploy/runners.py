@@ -37,6 +37,21 @@ def context_length(config: Any) -> int | None:
     return None
 
 
+def check_length(tokens: int, context: int | None, what: str, option: str | None = None) -> None:
+    """The one rule for sequence lengths: ``tokens`` positions must fit the model's ``context`` (None: unknown).
+
+    Every entry point asks it before any work (calibration windows, evaluation windows, prompt + new tokens,
+    benchmark prompts); past the context, learned position tables (OPT) fail deep in the runtime and RoPE models
+    silently run where they were never trained.
+
+    Raises:
+        UserInputError: naming ``what``, the lengths, and ``option`` (the flag to change) when given.
+    """
+    if context is not None and tokens > context:
+        fix = f"; lower {option}" if option else ""
+        raise UserInputError(f"{what} of {tokens} tokens exceeds the model's context of {context} tokens{fix}")
+
+
 def position_ids_from_mask(attention_mask: np.ndarray, past_length: int = 0) -> np.ndarray:
     """Positions of the new tokens: the count of real tokens before each one (left padding gives 0s), shape
     (B, T_new) for a mask covering past + new tokens."""

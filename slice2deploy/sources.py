@@ -260,6 +260,27 @@ def resolve_model(spec: str) -> ResolvedModel:
     return ResolvedModel("hub", spec, None, spec, None)
 
 
+def model_config(spec: str, trust_remote_code: bool = False):
+    """The model's config without its weights (a GGUF file's metadata, a directory's config.json, the hub's).
+
+    Raises:
+        UserInputError: the spec does not resolve (see :func:`resolve_model`) or the hub is unreachable.
+    """
+    from transformers import AutoConfig
+
+    resolved = resolve_model(spec)
+    if resolved.gguf_file:
+        converted = converted_dir(resolved)
+        if (converted / "config.json").is_file():
+            return AutoConfig.from_pretrained(converted)
+        _require_gguf()
+        return AutoConfig.from_pretrained(resolved.path, gguf_file=resolved.gguf_file)
+    try:
+        return AutoConfig.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise _hub_unreachable(spec, str(error).splitlines()[0]) from None
+
+
 # --------------------------------------------------------------------------------------------------- loading
 
 
