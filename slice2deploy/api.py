@@ -11,7 +11,7 @@ import torch
 
 from .checkpoint import MANIFEST_FILE, read_manifest, save_sliced
 from .evaluate import count_parameters
-from .loading import load
+from .loading import check_device, load
 from .runners import backend_for, check_length, context_length, open_runner
 from .slicing import BasisFn, SliceConfig, slice_per_layer
 from .sources import model_config
@@ -116,6 +116,7 @@ def slice_pretrained(model_spec: str, output: str | Path, config: SliceConfig, c
     from .data import calibration_batch, load_text
 
     check_output_dir(output, overwrite)  # fail before any expensive work
+    check_device(config.device)
     check_length(calibration.seqlen, context_length(model_config(model_spec, trust_remote_code)),
                  "a calibration window", "--calib-seqlen")
     started = time.perf_counter()
@@ -163,6 +164,7 @@ def evaluate_pretrained(model_spec: str, data: str = EvalConfig.data, seqlen: in
     from .data import load_text, token_stream
 
     if backend_for(model_spec) is None:  # a PyTorch model: refuse before loading the weights
+        check_device(device)
         check_length(seqlen, context_length(model_config(model_spec, trust_remote_code)), "an evaluation window",
                      "--seqlen")
     runner = open_runner(model_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)

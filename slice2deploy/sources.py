@@ -274,7 +274,10 @@ def model_config(spec: str, trust_remote_code: bool = False):
         if (converted / "config.json").is_file():
             return AutoConfig.from_pretrained(converted)
         _require_gguf()
-        return AutoConfig.from_pretrained(resolved.path, gguf_file=resolved.gguf_file)
+        try:
+            return AutoConfig.from_pretrained(resolved.path, gguf_file=resolved.gguf_file)
+        except (ValueError, OSError, KeyError) as exc:
+            raise UserInputError(f"transformers cannot load {resolved.source} as a GGUF model: {exc}") from exc
     try:
         return AutoConfig.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
     except OSError as error:
