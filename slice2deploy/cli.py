@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_slice_parser, _eval_parser, _generate_parser, _export_parser, _quantize_parser,
                 _build_engine_parser, _info_parser, _pipeline_parser):
         add(sub)
+    from .recover import add_recover_command  # recovery (issue 18) registers its own subcommand
+
+    add_recover_command(sub)
     return parser
 
 
