@@ -63,9 +63,10 @@ class RecoverConfig:
     """Everything that decides the result of :func:`recover` (recorded in the output's manifest).
 
     Units: ``tokens`` is the training budget in tokens (trained tokens = steps × batch_size × grad_accum × seqlen,
-    the largest multiple of one step that fits); ``lr`` is the peak AdamW learning rate (None: 1e-4 for ``kd``,
-    5e-4 with LoRA), reached after ``warmup`` (a fraction of the steps) and decayed by a cosine to
-    ``min_lr_ratio × lr``. ``kd_weight``/``ce_weight`` None: 1/0 for the distillation methods, 0/1 for ``lora``.
+    the largest multiple of one step that fits); ``lr`` is the peak AdamW learning rate (None: 2e-5 for ``kd``,
+    2e-4 with LoRA; 1e-4 full-weight diverged on SmolLM2 in its first steps), reached after ``warmup`` (a fraction
+    of the steps) and decayed by a cosine to ``min_lr_ratio × lr``. ``kd_weight``/``ce_weight`` None: 1/0 for the
+    distillation methods, 0/1 for ``lora``.
     """
 
     method: Method = Method.KD
@@ -76,7 +77,7 @@ class RecoverConfig:
     batch_size: int = 4
     grad_accum: int = 1
     lr: float | None = None
-    warmup: float = 0.05
+    warmup: float = 0.1
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -99,7 +100,7 @@ class RecoverConfig:
         uses_kd = self.method != Method.LORA
         self.kd_weight = (1.0 if uses_kd else 0.0) if self.kd_weight is None else float(self.kd_weight)
         self.ce_weight = (0.0 if uses_kd else 1.0) if self.ce_weight is None else float(self.ce_weight)
-        self.lr = (1e-4 if self.method == Method.KD else 5e-4) if self.lr is None else float(self.lr)
+        self.lr = (2e-5 if self.method == Method.KD else 2e-4) if self.lr is None else float(self.lr)
         self._check_positive()
         if not 0 <= self.warmup < 1 or not 0 <= self.min_lr_ratio <= 1:
             raise UserInputError("warmup must be in [0, 1) and min_lr_ratio in [0, 1]")
@@ -671,8 +672,8 @@ def add_recover_command(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     data.add_argument("--seed", type=int, default=0)
     optim = parser.add_argument_group("optimizer and runtime")
-    optim.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4 kd, 5e-4 LoRA)")
-    optim.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the steps (default 0.05)")
+    optim.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-5 kd, 2e-4 LoRA)")
+    optim.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps (default 0.1)")
     optim.add_argument("--kl-chunk", type=int, default=128, help="positions per logits chunk (memory bound)")
     optim.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     optim.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
