@@ -238,20 +238,21 @@ def next_token_labels(ids: torch.Tensor) -> torch.Tensor:
 
 def chunked_backward(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor | None, ids: torch.Tensor,
                      student_head: nn.Module, teacher_head: nn.Module | None, config: RecoverConfig,
-                     scale: float, extra_loss: torch.Tensor | None = None) -> float:
+                     scale: float, extra_loss: torch.Tensor | None = None, context=nullcontext) -> float:
     """Backpropagate ``scale × Σ chunk_loss`` (+ ``extra_loss``) without holding more than one chunk's logits.
 
     Each chunk's loss is backpropagated at once into a detached copy of ``student_hidden`` (and the head's
-    parameters); the accumulated gradient then flows through the backbone in one backward. Returns the unscaled
-    summed loss (a float).
+    parameters); the accumulated gradient then flows through the backbone in one backward. ``context()`` wraps each
+    chunk's forward (autocast under bf16). Returns the unscaled summed loss (a float).
     """
     hidden = student_hidden.detach().requires_grad_()
     labels = next_token_labels(ids) if config.ce_weight > 0 else None
     total = 0.0
     for start in range(0, ids.shape[1], config.kl_chunk):
         part = slice(start, start + config.kl_chunk)
-        loss = chunk_loss(hidden[:, part], None if teacher_hidden is None else teacher_hidden[:, part],
-                          None if labels is None else labels[:, part], student_head, teacher_head, config)
+        with context():
+            loss = chunk_loss(hidden[:, part], None if teacher_hidden is None else teacher_hidden[:, part],
+                              None if labels is None else labels[:, part], student_head, teacher_head, config)
         (loss * scale).backward()
         total += float(loss.detach())
     tensors, grads = [student_hidden], [hidden.grad]
@@ -478,7 +479,8 @@ def _micro_step(run: _Run, ids: torch.Tensor, scale: float) -> float:
         extra = None
         if run.hooks:
             extra = config.hidden_weight * hidden_loss(run.hooks[0].take(), t_outputs, run.maps)
-    total = chunked_backward(s_hidden, t_hidden, ids, s_head, t_head, config, scale, extra)
+    total = chunked_backward(s_hidden, t_hidden, ids, s_head, t_head, config, scale, extra,
+                             context=lambda: _autocast(config.device, run.dtype))
     if extra is not None:
         total += float(extra.detach())
     return total / ids.numel()

@@ -322,3 +322,12 @@ def test_recipe_recover_section():
         validate_recipe({**base, "recover": {"steps": 3}})
     with pytest.raises(UserInputError, match="recipe section 'recover'.*tokens"):
         validate_recipe({**base, "recover": {"tokens": 0}})
+
+
+def test_bfloat16_autocast_path_runs_and_saves_float32(slices, tiny_text_file, tmp_path):
+    """The GPU path (bf16 autocast, bf16 teacher, fp32 master weights), exercised on the CPU."""
+    out = recover(slices["per-layer"], _config(method="kd+lora", data=str(tiny_text_file), tokens=512,
+                                               dtype="bfloat16"), tmp_path / "out", progress=False)
+    manifest = json.loads((out / "slice2deploy_manifest.json").read_text())["recovery"]
+    assert manifest["compute_dtype"] == "bfloat16" and manifest["teacher"]["dtype"] == "bfloat16"
+    assert all(p.dtype == torch.float32 for p in _load(out).parameters())
