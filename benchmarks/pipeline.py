@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,13 +103,20 @@ def _slice_step(recipe: Recipe, sparsity: float, progress: bool) -> Step:
         config = SliceConfig(sparsity=sparsity, round_to=cfg["round_to"], tie=cfg["tie"],
                              batch_size=cfg["batch_size"], device=device, mode=cfg["mode"], refit=cfg["refit"],
                              incoherence=bool(cfg["incoherence"]))
-        summary = slice_pretrained(recipe.model, tmp / "model", config, CalibrationConfig(**cfg["calibration"]),
+        target = tmp / ("sliced" if recipe.recover else "model")
+        summary = slice_pretrained(recipe.model, target, config, CalibrationConfig(**cfg["calibration"]),
                                    overwrite=True, progress=progress)
+        if recipe.recover:  # recovery after slicing (slice2deploy.recover): OUT/<step>/model is the recovered one
+            from slice2deploy.recover import RecoverConfig, recover
+
+            recover(target, RecoverConfig(**recipe.recover, device=device), tmp / "model", progress=progress)
+            shutil.rmtree(target)
         return {"widths": sorted(set(summary["widths"])), "parameters": summary["parameters"]["sliced"]["total"],
                 "dense_parameters": summary["parameters"]["dense"]["total"], "seconds": summary["seconds"]}
 
+    recovery = {"recover": recipe.recover} if recipe.recover else {}
     return Step(f"slice-{model_name(sparsity)}", "slice", {"model": recipe.model, "sparsity": sparsity,
-                                                              "device": device, **cfg}, run,
+                                                              "device": device, **cfg, **recovery}, run,
                 external={"model": source_hash(recipe.model)})
 
 

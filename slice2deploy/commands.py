@@ -35,8 +35,10 @@ def default_of(function, name: str):
 
 
 def add_commands(subparsers) -> None:
-    """Register ``slice``, ``eval``, ``generate`` and ``info``."""
-    for add in (_slice_parser, _eval_parser, _generate_parser, _info_parser):
+    """Register ``slice``, ``eval``, ``generate``, ``info`` and ``recover``."""
+    from .recover import add_recover_command
+
+    for add in (_slice_parser, _eval_parser, _generate_parser, _info_parser, add_recover_command):
         add(subparsers)
 
 

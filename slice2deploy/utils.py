@@ -30,6 +30,7 @@ OPTIONAL_EXTRAS: dict[str, str] = {
     "matplotlib": "plot",
     "datasets": "eval", "lm_eval": "eval",
     "pynvml": "gpu",
+    "peft": "recover",
     "psutil": "dev", "pytest": "dev",
 }
 

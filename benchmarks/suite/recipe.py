@@ -31,7 +31,8 @@ QUANT_CHOICES = {  # quantize key -> (allowed values, how the error message name
     "method": (("rtn", "hqq", "gptq"), "rtn, hqq or gptq"),
     "shortcuts": (("float", "weight-int8", "same"), "float, weight-int8 or same"),
 }
-TOP_KEYS = ("name", "model", "profile", "sparsities", "slice", "eval", "export", "quantize", "engine", "bench")
+TOP_KEYS = ("name", "model", "profile", "sparsities", "slice", "eval", "export", "quantize", "engine", "bench",
+            "recover")
 BENCH_KEYS = (*PROFILE_KEYS, "if_available", "threads")
 PRECISION_HINT = {"int4": "INT4/INT8 run on onnxruntime or tensorrt", "int8": "tensorrt's int8 is W8A8 Q/DQ",
                   "bf16": "bf16 runs on pytorch", "fp32": "fp32 runs on pytorch and onnxruntime"}
@@ -51,6 +52,7 @@ class Recipe:
     quantize: dict[str, Any]
     engine: dict[str, Any]
     threads: int | None = None
+    recover: dict[str, Any] | None = None  # recovery after slicing (slice2deploy.recover.RecoverConfig keys); None: off
     skipped: list[str] = field(default_factory=list)  # optional backends left out, with the reason
     path: str | None = None
 
@@ -275,6 +277,21 @@ def _check_slice_options(cfg: dict) -> None:
         raise UserInputError(f"recipe section 'slice': {error}") from error
 
 
+def _check_recover(section: Any) -> dict[str, Any] | None:
+    """``recover:`` (optional): RecoverConfig keys, validated by building the config (device comes from bench)."""
+    from slice2deploy.recover import RecoverConfig
+
+    if section is None:
+        return None
+    allowed = tuple(k for k in RecoverConfig.__dataclass_fields__ if k not in ("device", "version"))
+    section = dict(_check_keys(section, allowed, "recover"))
+    try:
+        RecoverConfig(**section)
+    except (UserInputError, ValueError, TypeError) as error:
+        raise UserInputError(f"recipe section 'recover': {error}") from error
+    return section
+
+
 def validate_recipe(data: Any, path: str | None = None) -> Recipe:
     """A :class:`Recipe` from parsed YAML, or a :class:`UserInputError` naming the first bad key."""
     data = _check_keys(data, TOP_KEYS, "")
@@ -291,7 +308,7 @@ def validate_recipe(data: Any, path: str | None = None) -> Recipe:
     recipe = Recipe(name=name, model=model, profile=profile, sparsities=_check_sparsities(data.get("sparsities")),
                     slice=slice_cfg, eval=eval_cfg, export=_section(data, "export"),
                     quantize=_check_quant_modes(_section(data, "quantize")), engine=_section(data, "engine"),
-                    threads=threads, skipped=skipped, path=path)
+                    threads=threads, skipped=skipped, path=path, recover=_check_recover(data.get("recover")))
     _check_combinations(recipe)
     return recipe
 
