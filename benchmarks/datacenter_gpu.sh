@@ -8,10 +8,11 @@
 set -uo pipefail
 OUT="${1:-out/datacenter-gpu}"
 RECOVERY_TOKENS="${2:-}"
-S2D=(python -m slice2deploy.cli)
+PYTHON="${PYTHON:-python3}"
+S2D=("$PYTHON" -m slice2deploy.cli)
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv > "$OUT/gpu.csv" 2>&1
-python - > "$OUT/versions.txt" <<'PY'
+"$PYTHON" - > "$OUT/versions.txt" <<'PY'
 import platform, torch, transformers
 print(f"python {platform.python_version()}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
       f"transformers {transformers.__version__}; GPU {torch.cuda.get_device_name(0)}")
@@ -21,8 +22,8 @@ status=0
 "${S2D[@]}" pipeline recipes/smollm2-datacenter-uniform.yaml -o "$OUT/uniform" || status=1
 uniform="$(dirname "$(ls -d "$OUT"/uniform/slice-*/model/config.json | head -1)")"
 "${S2D[@]}" eval "$uniform" --max-tokens 16384 --device cuda --json > "$OUT/uniform_refit_fp32.json" || status=1
-if [ -n "$RECOVERY_TOKENS" ] && [ -f benchmarks/recovery.py ]; then
-    python -m benchmarks.recovery --device cuda --dtype bfloat16 --tokens "$RECOVERY_TOKENS" \
-        --slice "uniform=$uniform" --out "$OUT/recovery" || status=1
+if [ -n "$RECOVERY_TOKENS" ]; then  # distillation of the uniform slice at GPU token budgets (bf16 autocast)
+    "$PYTHON" -m benchmarks.recovery --slice "uniform=$uniform" --methods kd --tokens "$RECOVERY_TOKENS" \
+        --device cuda --dtype bfloat16 --batch-size 16 --seqlen 512 --work "$OUT/recovered" || status=1
 fi
 exit $status
