@@ -96,7 +96,7 @@ def _standard_model(model: nn.Module, adapter: Adapter, k: int, d: int, eps: flo
         for name in norm_weights:
             standard.get_parameter(name).fill_(math.sqrt(d / k))
     standard.generation_config = model.generation_config
-    return standard.eval()
+    return standard.to(next(model.parameters()).device).eval()  # where the source was (a GPU slice stays there)
 
 
 def check_uniform_supported(adapter: Adapter) -> None:

@@ -273,3 +273,23 @@ def test_widths_follow_what_the_config_class_accepts(tmp_path):
     with pytest.raises(UserInputError, match="refuses hidden_size 16"):
         slice_model(copy.deepcopy(model), ids, None, SliceConfig(mode="uniform", widths=[16]), progress=False)
     assert uniform_width_for_target(model.config, 10**9, 4) == 36
+
+
+@pytest.mark.gpu
+def test_uniform_refit_on_a_gpu_stays_on_it():
+    """Found on an H200: the standard model was built on the CPU, so refit fed CPU tokens to the CUDA teacher."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = tiny_model("llama").to("cuda")
+    ids = _ids(model, n=8)
+    sliced = slice_model(model, ids, None, SliceConfig(mode="uniform", sparsity=0.25, refit=1e-3, device="cuda"),
+                         progress=False)
+    assert next(sliced.parameters()).device.type == "cuda"
+    with torch.no_grad():
+        assert torch.isfinite(sliced(ids.to("cuda")).logits).all()
+
+
+def test_uniform_slice_stays_on_the_source_device():
+    model = tiny_model("llama")
+    sliced = slice_model(model, _ids(model), None, SliceConfig(mode="uniform", sparsity=0.25), progress=False)
+    assert {p.device for p in sliced.parameters()} == {torch.device("cpu")}
