@@ -99,6 +99,7 @@ def parameter_cost(model: nn.Module, tie: TieMode | str = TieMode.KEEP) -> Param
     from .slicing import num_positions
 
     adapter = get_adapter(model.config)
+    adapter.check_textbook("the exact parameter cost of spectrum widths")
     layers = adapter.get_layers(model)
     positions = num_positions(adapter, len(layers))
     linear, products, constant = [0] * positions, [], 0
@@ -159,6 +160,7 @@ def position_covariances(model: nn.Module, input_ids: torch.Tensor, attention_ma
     modified; its hooks are always removed.
     """
     adapter = get_adapter(model.config)
+    adapter.check_textbook("collecting per-position covariances")
     d = adapter.hidden_size(model.config)
     norms = [layer.get_submodule(stage.norm) for layer in adapter.get_layers(model) for stage in adapter.stages]
     norms.append(model.get_submodule(adapter.final_norm))

@@ -20,9 +20,9 @@ from .conftest import tiny_model, tiny_tokenizer
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-NEW_TYPES = ["qwen3", "phi3"]
+NEW_TYPES = ["qwen3", "phi3", "phi"]
 UNIFORM_TYPES = ["qwen3", "phi3"]  # RMSNorm, sequential, no post-norms: one basis gives the source architecture
-UNIFORM_REFUSED: dict[str, str] = {}
+UNIFORM_REFUSED = {"phi": "needs an RMSNorm architecture"}
 
 
 def _calibration(model, n=6, length=24):
@@ -84,3 +84,19 @@ def test_uniform_mode_gives_the_source_class_at_a_narrower_width(model_type):
 def test_uniform_mode_is_refused_with_the_reason(model_type):
     with pytest.raises(UserInputError, match=UNIFORM_REFUSED[model_type]):
         _sliced(model_type, sparsity=0.25, mode="uniform")
+
+
+def test_parallel_blocks_have_one_position_and_one_shortcut_per_layer():
+    sliced = _sliced("phi", sparsity=0.25)
+    config = sliced.config
+    assert config.layout["topology"] == "parallel" and config.positions_per_layer == 1
+    assert len(config.widths) == config.num_hidden_layers + 1
+    shortcuts = [name for name, _ in sliced.named_modules() if name.endswith("_shortcut")]
+    assert len(shortcuts) == config.num_hidden_layers and all(n.endswith("attn_mlp_shortcut") for n in shortcuts)
+
+
+def test_spectrum_widths_refuse_families_they_do_not_model():
+    from slice2deploy.spectrum import parameter_cost
+
+    with pytest.raises(UserInputError, match="parallel blocks"):
+        parameter_cost(tiny_model("phi"))

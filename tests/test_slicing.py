@@ -108,8 +108,9 @@ def test_save_load_gives_identical_logits(tmp_path, model_type):
         assert torch.equal(loaded(input_ids=ids).logits, expected)
 
 
-def test_remote_code_loads_without_slice2deploy(tmp_path):
-    sliced = _sliced("llama")
+@pytest.mark.parametrize("model_type", ["llama", "phi"])  # sequential; parallel blocks
+def test_remote_code_loads_without_slice2deploy(tmp_path, model_type):
+    sliced = _sliced(model_type)
     ids = _calibration(sliced, n=1, length=8, seed=3)
     with torch.no_grad():
         expected = sliced(input_ids=ids).logits
