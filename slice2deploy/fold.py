@@ -89,15 +89,15 @@ def fold_layer_norms(layer: nn.Module, adapter: Adapter, d: int, eps: float) -> 
         for path in stage.readers:
             fold_into_reader(layer.get_submodule(path), scale, shift)
         if stage.post_norm:
-            _set_submodule(layer, stage.post_norm, _post_norm(affine[stage.post_norm][0], d, eps))
+            like = layer.get_submodule(stage.writers[0]).weight
+            _set_submodule(layer, stage.post_norm, _post_norm(affine[stage.post_norm][0], d, eps, like))
     for stage in adapter.stages:
         _set_submodule(layer, stage.norm, SlicedRMSNorm(d, eps))
 
 
-def _post_norm(scale: torch.Tensor | None, d: int, eps: float) -> SlicedRMSNorm:
+def _post_norm(scale: torch.Tensor | None, d: int, eps: float, like: torch.Tensor) -> SlicedRMSNorm:
     """``γ ⊙ n(y)`` as ``mix(n(y))`` with mix = diag γ: the mix is then a writer of the residual stream."""
-    like = {"dtype": scale.dtype, "device": scale.device} if scale is not None else {}
-    norm = SlicedRMSNorm(d, eps, width=d, mix_width=d).to(**like)
+    norm = SlicedRMSNorm(d, eps, width=d, mix_width=d).to(dtype=like.dtype, device=like.device)
     gamma = _as64(scale) if scale is not None else torch.ones(d, dtype=torch.float64)
     norm.mix.weight = nn.Parameter(torch.diag(gamma).to(norm.mix.weight.dtype))
     return norm

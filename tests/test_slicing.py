@@ -108,7 +108,7 @@ def test_save_load_gives_identical_logits(tmp_path, model_type):
         assert torch.equal(loaded(input_ids=ids).logits, expected)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "phi"])  # sequential; parallel blocks
+@pytest.mark.parametrize("model_type", ["llama", "phi", "gemma3_text"])  # sequential; parallel; post-norms
 def test_remote_code_loads_without_slice2deploy(tmp_path, model_type):
     sliced = _sliced(model_type)
     ids = _calibration(sliced, n=1, length=8, seed=3)

@@ -1,6 +1,6 @@
 """Architecture adapters, registered by ``config.model_type``."""
 
-from . import llama, opt, phi, phi3, qwen3  # noqa: F401  (registration side effects)
+from . import gemma3, llama, opt, phi, phi3, qwen3  # noqa: F401  (registration side effects)
 from .base import (
     Adapter,
     Stage,
