@@ -96,7 +96,8 @@ def test_unsupported_architecture(tmp_path, tiny_text_file, capsys):
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gpt2")
     tiny_tokenizer().save_pretrained(tmp_path / "gpt2")
     _fails(["slice", str(tmp_path / "gpt2"), "--sparsity", "0.25", "-o", str(tmp_path / "o"), "--calib",
-            str(tiny_text_file), *CALIB], capsys, "supported model types: llama, mistral, opt, qwen2")
+            str(tiny_text_file), *CALIB], capsys,
+           "supported model types: gemma3_text, llama, mistral, opt, phi, phi3, qwen2, qwen3")
     assert not (tmp_path / "o").exists()
 
 
