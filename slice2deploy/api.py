@@ -18,7 +18,7 @@ from .sources import model_config
 from .spectrum import parameter_cost
 from .uniform import slice_uniform_mode
 from .utils import UserInputError, check_output_dir, peak_rss_mb, sha256_bytes
-from .widths import budget_widths, per_layer_widths, uniform_width_for_target
+from .widths import budget_widths, check_budget_supported, per_layer_widths, uniform_width_for_target
 
 
 @dataclass
@@ -76,6 +76,7 @@ def resolve_widths(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                  "--mode per-layer")
         config.widths = [uniform_width_for_target(model.config, plan.target_params, config.round_to)]
     else:
+        check_budget_supported(model)
         target = plan.target_params
         if target is None:  # the budget of uniform widths at the configured sparsity
             cost = parameter_cost(model, config.tie)

@@ -21,8 +21,10 @@ from .api import (
 )
 from .loading import DTYPES, load
 from .slicing import DEFAULT_REFIT_RIDGE, SliceConfig
+from .sources import BUILTIN_MODELS
 
-MODEL_HELP = "built-in alias (smollm2-135m), Hugging Face hub id, local model directory or .gguf file"
+MODEL_HELP = (f"built-in alias ({', '.join(BUILTIN_MODELS)}), Hugging Face hub id, local model directory or "
+              ".gguf file")
 DATA_HELP = (
     "builtin (bundled Wikipedia text), a local .txt/.jsonl file, or a datasets name (wikitext2, c4, ptb, alpaca)"
 )
@@ -77,6 +79,10 @@ def _slice_parser(sub) -> None:
     parser.add_argument("--incoherence", action="store_true",
                         help="random rotation inside each kept subspace (same function; "
                              "activations without outlier coordinates for INT8 quantization)")
+    parser.add_argument("--post-norm-width", default=SLICE.post_norm_width, choices=["full", "kept"],
+                        help="post-normed branches (Gemma-3): full keeps each branch output at the full hidden size "
+                             "before its norm (exact); kept slices it to the position's width (smaller, approximate) "
+                             f"(default {SLICE.post_norm_width})")
     parser.add_argument("--round-to", type=int, default=SLICE.round_to,
                         help=f"round widths down to a multiple of this (default {SLICE.round_to})")
     parser.add_argument("--tie", default=SLICE.tie.value, choices=["keep", "untie"],
@@ -133,7 +139,7 @@ def _run_slice(args: argparse.Namespace) -> int:
     target = None if args.target_params is None else int(args.target_params)
     config = SliceConfig(sparsity=args.sparsity or 0.0, round_to=args.round_to, tie=args.tie, device=args.device,
                          batch_size=args.batch_size, mode=args.mode, pooling=args.pooling,
-                         incoherence=args.incoherence, refit=args.refit)
+                         incoherence=args.incoherence, refit=args.refit, post_norm_width=args.post_norm_width)
     calibration = CalibrationConfig(source=args.calib, samples=args.calib_samples, seqlen=args.calib_seqlen,
                                     seed=args.seed)
     summary = slice_pretrained(args.model, args.output, config, calibration, dtype=args.dtype,

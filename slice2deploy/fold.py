@@ -75,13 +75,32 @@ def fold_norms(model: nn.Module, adapter: Adapter, tie: TieMode = TieMode.KEEP) 
                 for path in stage.writers:
                     center_writer(layer.get_submodule(path))
     for layer in layers:
-        for stage in adapter.stages:
-            scale, shift = adapter.norm_scale_and_bias(layer.get_submodule(stage.norm))
-            for path in stage.readers:
-                fold_into_reader(layer.get_submodule(path), scale, shift)
-            setattr(layer, stage.norm, SlicedRMSNorm(d, eps))
+        fold_layer_norms(layer, adapter, d, eps)
     _fold_final_norm(model, adapter, tied, original_embedding, d, eps)
     return tied
+
+
+def fold_layer_norms(layer: nn.Module, adapter: Adapter, d: int, eps: float) -> None:
+    """Fold one layer's norms: pre-norms into their readers (a norm shared by parallel stages read once, before it
+    is replaced), post-norms into a d × d mix matrix ``diag(γ)`` behind a weight-free RMSNorm over the branch."""
+    affine = {path: adapter.norm_scale_and_bias(layer.get_submodule(path)) for path in adapter.residual_norm_paths()}
+    for stage in adapter.stages:
+        scale, shift = affine[stage.norm]
+        for path in stage.readers:
+            fold_into_reader(layer.get_submodule(path), scale, shift)
+        if stage.post_norm:
+            like = layer.get_submodule(stage.writers[0]).weight
+            _set_submodule(layer, stage.post_norm, _post_norm(affine[stage.post_norm][0], d, eps, like))
+    for stage in adapter.stages:
+        _set_submodule(layer, stage.norm, SlicedRMSNorm(d, eps))
+
+
+def _post_norm(scale: torch.Tensor | None, d: int, eps: float, like: torch.Tensor) -> SlicedRMSNorm:
+    """``γ ⊙ n(y)`` as ``mix(n(y))`` with mix = diag γ: the mix is then a writer of the residual stream."""
+    norm = SlicedRMSNorm(d, eps, width=d, mix_width=d).to(dtype=like.dtype, device=like.device)
+    gamma = _as64(scale) if scale is not None else torch.ones(d, dtype=torch.float64)
+    norm.mix.weight = nn.Parameter(torch.diag(gamma).to(norm.mix.weight.dtype))
+    return norm
 
 
 def _fold_final_norm(model: nn.Module, adapter: Adapter, tied: bool, original_embedding: torch.Tensor | None,

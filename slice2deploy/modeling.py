@@ -10,7 +10,10 @@ A sliced model is the source architecture (built by transformers from the record
 - the residual stream kept at a width ``widths[p]`` <= d at every position p (embedding output, then the
   input of every stage of every layer), the linears that read or write it cut to those widths;
 - a shortcut matrix on each residual connection whose two ends live in different bases (Q_inᵀ Q_out);
-- optionally, the head tied to the token embedding through a small matrix after the final norm.
+- optionally, the head tied to the token embedding through a small matrix after the final norm;
+- parallel blocks (Phi-2): the stages of a layer read one position and write the next, with one shortcut;
+- post-norms (Gemma-3): a branch output is normalised over its own width (``branch_widths``), then a mix matrix
+  (the norm's scale and the output basis) writes it into the stream.
 The attention internals (head dim, RoPE, GQA groups, KV cache) are those of the source model.
 """
 
@@ -32,6 +35,19 @@ _BASE_KEYS_NOT_COPIED = {
 }
 
 
+def stage_groups(stages: list, topology: str = "sequential") -> list[list]:
+    """Stages grouped by the residual position they read: all in one group (parallel) or one each (sequential)."""
+    if topology == "parallel":
+        return [list(stages)]
+    if topology != "sequential":
+        raise ValueError(f"unknown block topology {topology!r} (sequential or parallel)")
+    return [[stage] for stage in stages]
+
+
+def group_name(group: list[dict]) -> str:
+    return "_".join(stage["name"] for stage in group)
+
+
 class SlicedConfig(PreTrainedConfig):
     """Config of a sliced model: the source model's config plus every residual-stream width."""
 
@@ -41,7 +57,8 @@ class SlicedConfig(PreTrainedConfig):
     original_hidden_size: int = 0
     widths: list | None = None  # width of each residual position: [embedding, layer0.stage0 out, ...]
     layout: dict | None = None  # module paths and stages, written by the adapter at slicing time
-    shortcuts: list | None = None  # shortcuts[layer][stage]: a shortcut matrix sits on that residual
+    shortcuts: list | None = None  # shortcuts[layer][group]: a shortcut matrix sits on that residual
+    branch_widths: list | None = None  # branch_widths[layer][stage]: width of a post-normed branch output (or None)
     norm_eps: float = 1e-6
     tie_head: bool = False  # the head reuses the token-embedding matrix
     head_bias: bool = False
@@ -60,13 +77,24 @@ class SlicedConfig(PreTrainedConfig):
         return len(self.layout["stages"])
 
     @property
+    def groups(self) -> list[list[dict]]:
+        return stage_groups(self.layout["stages"], self.layout.get("topology", "sequential"))
+
+    @property
+    def positions_per_layer(self) -> int:
+        return len(self.groups)
+
+    @property
     def head_width(self) -> int:
         return self.widths[0] if self.final_mix else self.widths[-1]
 
     def layer_widths(self, layer: int) -> list[int]:
-        """Widths of the residual positions a layer reads and writes (stage inputs, then its output)."""
-        start = layer * self.num_stages
-        return list(self.widths[start : start + self.num_stages + 1])
+        """Widths of the residual positions a layer reads and writes (group inputs, then its output)."""
+        start = layer * self.positions_per_layer
+        return list(self.widths[start : start + self.positions_per_layer + 1])
+
+    def layer_branch_widths(self, layer: int) -> list:
+        return list(self.branch_widths[layer]) if self.branch_widths else [None] * self.num_stages
 
 
 class SlicedRMSNorm(nn.Module):
@@ -116,49 +144,74 @@ class TiedLMHead(nn.Module):
 
 
 class SlicedDecoderLayer(nn.Module):
-    """A source decoder layer whose stages run as ``x ← shortcut(x) + branch(norm(x))``.
+    """A source decoder layer whose stage groups run as ``x ← shortcut(x) + Σ branch(norm(x))``.
 
     It adopts the source layer's sub-modules under their own names, so parameter names stay those of the
-    source architecture; only the norms are replaced and ``<stage>_shortcut`` matrices are added.
+    source architecture; only the norms are replaced and ``<group>_shortcut`` matrices are added (one per group:
+    a stage in sequential blocks, all stages in parallel ones). ``branch_widths[s]`` (post-normed stages only) is
+    the width of stage s's output before its post-norm, whose mix maps it into the stream.
     """
 
     def __init__(self, layer: nn.Module, stages: list[dict], widths: list[int], shortcuts: list[bool],
-                 original_dim: int, eps: float):
+                 original_dim: int, eps: float, topology: str = "sequential", branch_widths: list | None = None):
         super().__init__()
         self.stages = [dict(stage) for stage in stages]
+        self.groups = stage_groups(self.stages, topology)
         for key, value in vars(layer).items():  # plain attributes the model loop may read (attention_type, ...)
             if not key.startswith("_") and key != "training" and not isinstance(value, nn.Module):
                 setattr(self, key, value)
         for name, child in layer.named_children():
             self.add_module(name, child)
-        for index, stage in enumerate(self.stages):
-            if not isinstance(getattr(self, stage["norm"]), SlicedRMSNorm):
-                setattr(self, stage["norm"], SlicedRMSNorm(original_dim, eps))
-            if shortcuts[index]:
-                weight = next(layer.parameters())
-                shortcut = nn.Linear(widths[index], widths[index + 1], bias=False,
+        weight = next(layer.parameters())
+        branch_widths = branch_widths or [None] * len(self.stages)
+        for position, group in enumerate(self.groups):
+            for stage in group:
+                if not isinstance(getattr(self, stage["norm"]), SlicedRMSNorm):
+                    setattr(self, stage["norm"], SlicedRMSNorm(original_dim, eps))
+                post_norm = stage.get("post_norm")
+                if post_norm and not isinstance(getattr(self, post_norm), SlicedRMSNorm):
+                    width = branch_widths[self.stages.index(stage)] or original_dim
+                    norm = SlicedRMSNorm(original_dim, eps, width, widths[position + 1])
+                    setattr(self, post_norm, norm.to(device=weight.device, dtype=weight.dtype))
+            if shortcuts[position]:
+                shortcut = nn.Linear(widths[position], widths[position + 1], bias=False,
                                      device=weight.device, dtype=weight.dtype)
-                self.add_module(f"{stage['name']}_shortcut", shortcut)
+                self.add_module(f"{group_name(group)}_shortcut", shortcut)
 
-    def shortcut(self, stage: dict) -> nn.Module | None:
-        return getattr(self, f"{stage['name']}_shortcut", None)
+    def shortcut(self, group: list[dict] | dict) -> nn.Module | None:
+        """The shortcut of a group (a stage dict stands for its own group in sequential blocks)."""
+        return getattr(self, f"{group_name([group] if isinstance(group, dict) else group)}_shortcut", None)
 
     def branch(self, stage: dict, hidden_states: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """The stage's branch on its (already normalised) input."""
+        """The stage's branch on its (already normalised) input, post-norm included."""
         if stage["kind"] == "attention":
-            return getattr(self, stage["call"][0])(hidden_states=hidden_states, **kwargs)[0]
-        for name in stage["call"]:
-            hidden_states = getattr(self, name)(hidden_states)
+            hidden_states = getattr(self, stage["call"][0])(hidden_states=hidden_states, **kwargs)[0]
+        else:
+            for name in stage["call"]:
+                hidden_states = getattr(self, name)(hidden_states)
+        if stage.get("post_norm"):
+            hidden_states = getattr(self, stage["post_norm"])(hidden_states)
         return hidden_states
 
-    def run_stage(self, stage: dict, hidden_states: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        out = self.branch(stage, getattr(self, stage["norm"])(hidden_states), kwargs)
-        shortcut = self.shortcut(stage)
+    def group_branches(self, group: list[dict], hidden_states: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Σ of the group's branches on one input (a norm shared by parallel stages is applied once)."""
+        normed: dict[str, torch.Tensor] = {}
+        total = None
+        for stage in group:
+            if stage["norm"] not in normed:
+                normed[stage["norm"]] = getattr(self, stage["norm"])(hidden_states)
+            out = self.branch(stage, normed[stage["norm"]], kwargs)
+            total = out if total is None else total + out
+        return total
+
+    def run_group(self, group: list[dict], hidden_states: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        out = self.group_branches(group, hidden_states, kwargs)
+        shortcut = self.shortcut(group)
         return (shortcut(hidden_states) if shortcut is not None else hidden_states) + out
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-        for stage in self.stages:
-            hidden_states = self.run_stage(stage, hidden_states, kwargs)
+        for group in self.groups:
+            hidden_states = self.run_group(group, hidden_states, kwargs)
         return hidden_states
 
 
@@ -201,16 +254,21 @@ def apply_sliced_layout(base: nn.Module, config: SlicedConfig) -> None:
     for path in layout["embeddings"]:
         _resize_embedding(base.get_submodule(path), widths[0])
     layers = base.get_submodule(layout["layers"])
+    topology = layout.get("topology", "sequential")
     for index, layer in enumerate(layers):
         if isinstance(layer, SlicedDecoderLayer):
             continue
-        layer_widths = config.layer_widths(index)
-        for position, stage in enumerate(layout["stages"]):
-            for path in layout["readers"][stage["name"]]:
-                _resize_linear(layer.get_submodule(path), in_features=layer_widths[position])
-            for path in layout["writers"][stage["name"]]:
-                _resize_linear(layer.get_submodule(path), out_features=layer_widths[position + 1])
-        layers[index] = SlicedDecoderLayer(layer, layout["stages"], layer_widths, config.shortcuts[index], d, eps)
+        layer_widths, branch_widths = config.layer_widths(index), config.layer_branch_widths(index)
+        for position, group in enumerate(config.groups):
+            for stage in group:
+                branch_width = branch_widths[layout["stages"].index(stage)] or d
+                for path in layout["readers"][stage["name"]]:
+                    _resize_linear(layer.get_submodule(path), in_features=layer_widths[position])
+                for path in layout["writers"][stage["name"]]:
+                    out = branch_width if stage.get("post_norm") else layer_widths[position + 1]
+                    _resize_linear(layer.get_submodule(path), out_features=out)
+        layers[index] = SlicedDecoderLayer(layer, layout["stages"], layer_widths, config.shortcuts[index], d, eps,
+                                           topology, branch_widths)
     final_norm = base.get_submodule(layout["final_norm"])
     if not isinstance(final_norm, SlicedRMSNorm):
         mix_width = config.widths[0] + config.head_extra if config.final_mix else None

@@ -207,6 +207,8 @@ def refit_uniform(teacher: nn.Module, student: nn.Module, basis: torch.Tensor, i
         student_hidden = [(h.double() @ basis).to(h.dtype) for h in teacher_hidden]
         teacher_layers, student_layers = adapter.get_layers(teacher), adapter.get_layers(student)
         for index in tqdm(range(len(teacher_layers)), desc="refit layers", disable=not progress):
+            for batch in batches:  # this layer's masks and rotary embeddings (sliding/full layers differ)
+                batch.use_layer(index)
             normed, teacher_residual, teacher_out = _teacher_layer(teacher_layers[index], adapter, batches,
                                                                    teacher_hidden)
             residual = student_hidden

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import Adapter, get_adapter
+from .adapters import Adapter, Stage, get_adapter
 from .capture import LayerInputs, capture_layer_inputs
 from .fold import TieMode, fold_norms
 from .modeling import SlicedConfig, SlicedDecoderLayer, SlicedForCausalLM, SlicedRMSNorm
@@ -48,6 +48,9 @@ class SliceConfig:
     incoherence: bool = False  # rotate each kept subspace by a seeded random orthogonal matrix (see below)
     rotation_seed: int = 0
     refit: float | None = None  # uniform mode: ridge of the least-squares refit against the dense model (None: off)
+    # post-normed branches (Gemma-3): "full" keeps each branch output at width d before its norm (exact, but the
+    # writers are not sliced), "kept" slices it to the stage's output width (approximate: see _slice_branch)
+    post_norm_width: str = "full"
     version: int = 1
     extra: dict = field(default_factory=dict)  # provenance (calibration source, seed, ...), stored verbatim
 
@@ -66,6 +69,8 @@ class SliceConfig:
             raise UserInputError("refit is a uniform-mode option (--mode uniform)")
         if self.refit is not None and not self.refit > 0:
             raise UserInputError(f"refit ridge must be > 0, got {self.refit}")
+        if self.post_norm_width not in ("full", "kept"):
+            raise UserInputError(f"post_norm_width must be 'full' or 'kept', got {self.post_norm_width!r}")
         if self.mode == "uniform" and self.widths is not None and len(set(self.widths)) != 1:
             raise UserInputError("uniform mode has one width for every position; pass a single width")
 
@@ -117,32 +122,65 @@ def _covariance_of(batches: list[LayerInputs], values: list[torch.Tensor], dim: 
     return covariance
 
 
-def _slice_stage(layer: SlicedDecoderLayer, stage: dict, readers: tuple[str, ...], writers: tuple[str, ...],
-                 batches: list[LayerInputs], basis: torch.Tensor, width_in: int, width_out: int, position: int,
-                 basis_fn: BasisFn) -> torch.Tensor:
-    """Rotate/slice one stage and return the full d × d basis of its output position.
+def _slice_branch(layer: SlicedDecoderLayer, stage: Stage, batches: list[LayerInputs], width: int,
+                  damping: float) -> None:
+    """Slice a post-normed branch output ``y`` (d) to its top-``width`` principal directions P (an approximation).
+
+    Exact would be ``mix(n_d(y))`` with y at full width: n_d divides by ``√(‖y‖²/d)``, which needs every coordinate,
+    so the writers could not shrink. Here the writers produce ``Pᵀy`` (width × in) and the norm sees only the kept
+    part, whose energy is a fraction f of ‖y‖² on calibration data: ``n_d(y) ≈ √f · Pᵀy / √(‖Pᵀy‖²/d + eps·f)``;
+    √f goes into the mix (``mix ← √f · mix P``), eps·f is neglected (eps ~1e-6 against ‖y‖²/d).
+    """
+    post_norm, d = layer.get_submodule(stage.post_norm), layer.get_submodule(stage.post_norm).original_dim
+    covariance, current = CovarianceAccumulator(d, device=batches[0].hidden.device), {}
+    handle = post_norm.register_forward_pre_hook(lambda module, args: covariance.add(args[0], current["mask"]))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                current["mask"] = batch.mask
+                layer.branch(stage.as_dict(), getattr(layer, stage.norm)(batch.hidden), batch.kwargs)
+    finally:
+        handle.remove()
+    eigenvalues, vectors = pca_basis(covariance.matrix, damping)
+    kept = vectors[:, :width]
+    fraction = float(eigenvalues[:width].sum() / eigenvalues.sum())
+    for path in stage.writers:
+        rotate_writer(layer.get_submodule(path), kept)
+    mix = post_norm.mix
+    weight = mix.weight.detach().to(torch.float64) @ kept * fraction**0.5
+    mix.weight, mix.in_features = nn.Parameter(weight.to(mix.weight.dtype)), width
+
+
+def _slice_group(layer: SlicedDecoderLayer, group: tuple[Stage, ...], batches: list[LayerInputs], basis: torch.Tensor,
+                 width_in: int, width_out: int, position: int, basis_fn: BasisFn,
+                 branch_width: int | None = None, damping: float = 0.01) -> torch.Tensor:
+    """Rotate/slice one stage group (a stage, or all stages of a parallel block); return its output basis (d × d).
 
     ``basis`` is the input position's basis in source coordinates; ``batches[i].hidden`` holds the input in
-    its first ``width_in`` coordinates and is moved to the output basis. The writers are first expressed in
-    the input basis, so the stage output ``y = [x, 0] + branch`` needs no projection back to source
-    coordinates; the output basis is found in input-basis coordinates and composed with ``basis``.
+    its first ``width_in`` coordinates and is moved to the output basis. The residual writers are first expressed in
+    the input basis, so the output ``y = [x, 0] + Σ branches`` needs no projection back to source coordinates; the
+    output basis is found in input-basis coordinates and composed with ``basis``.
     """
-    for path in readers:
-        rotate_reader(layer.get_submodule(path), basis[:, :width_in])
-    for path in writers:
-        rotate_writer(layer.get_submodule(path), basis)
-    norm = getattr(layer, stage["norm"])
+    for stage in group:
+        for path in stage.readers:
+            rotate_reader(layer.get_submodule(path), basis[:, :width_in])
+        for path in stage.residual_writers:
+            rotate_writer(layer.get_submodule(path), basis)
+        if stage.post_norm and branch_width is not None and branch_width < basis.shape[0]:
+            _slice_branch(layer, stage, batches, branch_width, damping)
+    stages = [stage.as_dict() for stage in group]
     outputs = []
     with torch.no_grad():
         for batch in batches:
-            output = layer.branch(stage, norm(batch.hidden), batch.kwargs)  # (B, T, d), input-basis coordinates
+            output = layer.group_branches(stages, batch.hidden, batch.kwargs)  # (B, T, d), input-basis coordinates
             output[..., :width_in] += batch.hidden
             outputs.append(output)
     relative = basis_fn(position, _covariance_of(batches, outputs, basis.shape[0]))  # d × d, input coordinates
     kept = relative[:, :width_out]
-    for path in writers:
-        rotate_writer(layer.get_submodule(path), kept)
-    shortcut = layer.shortcut(stage)
+    for stage in group:
+        for path in stage.residual_writers:
+            rotate_writer(layer.get_submodule(path), kept)
+    shortcut = layer.shortcut(stages)
     shortcut.weight = nn.Parameter(kept[:width_in].T.contiguous().to(shortcut.weight.dtype))  # (Q_inᵀ Q_out)ᵀ
     for batch, output in zip(batches, outputs):
         batch.hidden = project(output, kept)
@@ -181,7 +219,7 @@ def slice_per_layer(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         tied = fold_norms(model, adapter, config.tie)
         d, eps = adapter.hidden_size(model.config), adapter.norm_eps(model.config)
         layers = adapter.get_layers(model)
-        stages = [stage.as_dict() for stage in adapter.stages]
+        stages, groups = [stage.as_dict() for stage in adapter.stages], adapter.groups()
         widths = per_layer_widths(config, d, adapter.num_positions(len(layers)), tied)
         if config.incoherence:
             basis_fn = incoherent_basis_fn(basis_fn, widths, config.rotation_seed)
@@ -192,17 +230,27 @@ def slice_per_layer(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
             rotate_embedding(model.get_submodule(path), basis_first)
         for batch in batches:
             batch.hidden = project(batch.hidden, basis_first)
-        position = 0
+        position, branch_widths = 0, []
         for index in tqdm(range(len(layers)), desc="slicing layers", disable=not progress):
-            layer_widths = widths[position : position + len(stages) + 1]
-            layer = SlicedDecoderLayer(layers[index], stages, layer_widths, [True] * len(stages), d, eps)
+            layer_widths = widths[position : position + len(groups) + 1]
+            layer = SlicedDecoderLayer(layers[index], stages, layer_widths, [True] * len(groups), d, eps,
+                                       adapter.topology.value)
             layers[index] = layer
-            for stage, declared in zip(stages, adapter.stages):
+            for batch in batches:
+                batch.use_layer(index)
+            branch_widths.append([None] * len(stages))
+            for group in groups:
                 position += 1
-                basis = _slice_stage(layer, stage, declared.readers, declared.writers, batches, basis,
-                                     widths[position - 1], widths[position], position, basis_fn)
+                branch_width = widths[position] if config.post_norm_width == "kept" else d
+                for stage in group:
+                    if stage.post_norm:
+                        branch_widths[-1][adapter.stages.index(stage)] = branch_width
+                basis = _slice_group(layer, group, batches, basis, widths[position - 1], widths[position], position,
+                                     basis_fn, branch_width, config.damping)
         _finish_head(model, adapter, tied, basis[:, : widths[-1]], basis_first)
     sliced_config = _sliced_config(model, adapter, config, widths, tied, d, eps)
+    if any(stage.post_norm for stage in adapter.stages):
+        sliced_config.branch_widths = branch_widths
     sliced_config.slicing["seconds"] = round(time.perf_counter() - started, 3)
     sliced = SlicedForCausalLM(sliced_config, base=model)
     sliced.generation_config = model.generation_config
@@ -222,7 +270,7 @@ def _sliced_config(model: nn.Module, adapter: Adapter, config: SliceConfig, widt
         original_hidden_size=d,
         widths=list(widths),
         layout=adapter.runtime_layout(),
-        shortcuts=[[True] * len(adapter.stages) for _ in range(num_layers)],
+        shortcuts=[[True] * len(adapter.groups()) for _ in range(num_layers)],
         norm_eps=eps,
         tie_head=tied,
         head_bias=head.bias is not None,

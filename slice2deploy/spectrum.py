@@ -93,6 +93,7 @@ def _stage_terms(layer: nn.Module, stage, adapter: Adapter, position: int, linea
 def parameter_cost(model: nn.Module, tie: TieMode | str = TieMode.KEEP) -> ParameterCost:
     """The :class:`ParameterCost` of slicing ``model`` (dense, folded or not; not modified) in per-layer mode."""
     adapter = get_adapter(model.config)
+    adapter.check_textbook("the exact parameter cost of spectrum widths")
     layers = adapter.get_layers(model)
     positions = adapter.num_positions(len(layers))
     linear, products, constant = [0] * positions, [], 0
@@ -153,6 +154,7 @@ def position_covariances(model: nn.Module, input_ids: torch.Tensor, attention_ma
     modified; its hooks are always removed.
     """
     adapter = get_adapter(model.config)
+    adapter.check_textbook("collecting per-position covariances")
     d = adapter.hidden_size(model.config)
     norms = [layer.get_submodule(stage.norm) for layer in adapter.get_layers(model) for stage in adapter.stages]
     norms.append(model.get_submodule(adapter.final_norm))

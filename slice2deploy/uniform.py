@@ -100,9 +100,16 @@ def _standard_model(model: nn.Module, adapter: Adapter, k: int, d: int, eps: flo
 
 
 def check_uniform_supported(adapter: Adapter) -> None:
+    """Uniform mode rebuilds the *source* class at hidden size k: refuse families whose norms it cannot express."""
     if adapter.norm_kind != "rms":
-        raise UserInputError("uniform mode needs an RMSNorm architecture (Llama, Mistral, Qwen2): a LayerNorm over "
-                             "the rotated stream would subtract a mean the stream no longer has; use --mode per-layer")
+        raise UserInputError("uniform mode needs an RMSNorm architecture (Llama, Mistral, Qwen2/3, Phi-3): a "
+                             "LayerNorm over the rotated stream would subtract a mean the stream no longer has; "
+                             "use --mode per-layer")
+    if any(stage.post_norm for stage in adapter.stages):
+        raise UserInputError("uniform mode cannot keep post-norms exact (Gemma-2/3): the source class normalises each "
+                             "branch output over its k kept coordinates with a per-coordinate scale, but the rotated "
+                             "output needs its full-width norm and a scale that is not diagonal in the new basis; "
+                             "use --mode per-layer")
 
 
 def slice_uniform(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, width: int,

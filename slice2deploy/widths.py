@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from .adapters import get_adapter
 from .fold import TieMode
 from .spectrum import ParameterCost, collect_spectra, parameter_cost
 from .utils import UserInputError
@@ -191,6 +192,12 @@ def widths_for_target(cost: ParameterCost, target_params: int, round_to: int = 8
     return best
 
 
+def check_budget_supported(model: nn.Module) -> None:
+    """Refuse parameter budgets for families the exact cost model does not describe (parallel blocks, post-norms):
+    a budget met only approximately would break the promise that the sliced model fits it."""
+    get_adapter(model.config).check_textbook("per-layer width budgets (--target-params, --widths spectrum)")
+
+
 def budget_widths(model: nn.Module, target_params: int, rule: str = "spectrum", input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, tie: TieMode | str = TieMode.KEEP, round_to: int = 8,
                 min_width: int | None = None, objective: Objective | str = Objective.BULK_VARIANCE,
@@ -200,6 +207,7 @@ def budget_widths(model: nn.Module, target_params: int, rule: str = "spectrum", 
 
     Call it on the dense model *before* ``slice_model`` consumes it, with the same tie mode and calibration.
     """
+    check_budget_supported(model)
     cost = parameter_cost(model, tie)
     if rule == "uniform":
         return widths_for_target(cost, target_params, round_to)

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from slice2deploy.cli import main
 
-from .conftest import tiny_tokenizer
+from .conftest import tiny_model, tiny_tokenizer
 
 CALIB = ["--calib-samples", "4", "--calib-seqlen", "16"]
 
@@ -105,7 +105,35 @@ def test_unsupported_architecture(tmp_path, tiny_text_file, capsys):
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gpt2")
     tiny_tokenizer().save_pretrained(tmp_path / "gpt2")
     _fails(["slice", str(tmp_path / "gpt2"), "--sparsity", "0.25", "-o", str(tmp_path / "o"), "--calib",
-            str(tiny_text_file), *CALIB], capsys, "supported model types: llama, mistral, opt, qwen2")
+            str(tiny_text_file), *CALIB], capsys,
+           "supported model types: gemma3_text, llama, mistral, opt, phi, phi3, qwen2, qwen3")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("post_norm_width", ["full", "kept"])
+def test_post_norm_width_flag(tmp_path, tiny_text_file, post_norm_width):
+    tiny_model("gemma3_text").save_pretrained(tmp_path / "gemma")
+    tiny_tokenizer().save_pretrained(tmp_path / "gemma")
+    assert main(["slice", str(tmp_path / "gemma"), "--sparsity", "0.25", "--post-norm-width", post_norm_width,
+                 "-o", str(tmp_path / "o"), "--calib", str(tiny_text_file), *CALIB]) == 0
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    width = config["widths"][-1] if post_norm_width == "kept" else config["original_hidden_size"]
+    assert config["slicing"]["post_norm_width"] == post_norm_width
+    assert config["branch_widths"] == [[width, width]] * config["base_config"]["num_hidden_layers"]
+
+
+def test_post_norm_width_help_states_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["slice", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--post-norm-width {full,kept}" in help_text and "(default full)" in help_text
+
+
+def test_parameter_budget_refuses_families_the_cost_does_not_model(tmp_path, tiny_text_file, capsys):
+    tiny_model("gemma3_text").save_pretrained(tmp_path / "gemma")
+    tiny_tokenizer().save_pretrained(tmp_path / "gemma")
+    _fails(["slice", str(tmp_path / "gemma"), "--target-params", "1e4", "-o", str(tmp_path / "o"), "--calib",
+            str(tiny_text_file), *CALIB], capsys, "per-layer width budgets")
     assert not (tmp_path / "o").exists()
 
 

@@ -50,19 +50,26 @@ def test_shapes_follow_the_widths(model_type):
     config = sliced.config
     d, k = config.original_hidden_size, uniform_width(config.original_hidden_size, 0.25)
     first = d if config.tie_head else k  # a tied head keeps the embedding position whole
-    assert config.widths == [first] + [k] * (2 * config.num_hidden_layers)
+    assert config.widths == [first] + [k] * (config.positions_per_layer * config.num_hidden_layers)
     layout = config.layout
+    dense_layers = tiny_model(model_type).get_submodule(layout["layers"])
     assert sliced.base.get_submodule(layout["embeddings"][0]).weight.shape[1] == first
     for index, layer in enumerate(sliced.base.get_submodule(layout["layers"])):
-        widths = config.layer_widths(index)
-        for position, stage in enumerate(layout["stages"]):
-            for path in layout["readers"][stage["name"]]:
-                assert layer.get_submodule(path).weight.shape[1] == widths[position]
-            for path in layout["writers"][stage["name"]]:
-                assert layer.get_submodule(path).weight.shape[0] == widths[position + 1] == k
-            assert layer.shortcut(stage).weight.shape == (widths[position + 1], widths[position])
-        assert layer.self_attn.k_proj.weight.shape[0] == tiny_model(model_type).get_submodule(
-            layout["layers"])[0].self_attn.k_proj.weight.shape[0], "attention internals must not change"
+        widths, branch_widths = config.layer_widths(index), config.layer_branch_widths(index)
+        for position, group in enumerate(config.groups):
+            for stage in group:
+                for path in layout["readers"][stage["name"]]:
+                    reader = layer.get_submodule(path)
+                    assert reader.weight.shape[1] == widths[position]
+                    dense = dense_layers[index].get_submodule(path)
+                    assert reader.weight.shape[0] == dense.weight.shape[0], "attention internals must not change"
+                branch = branch_widths[layout["stages"].index(stage)]
+                for path in layout["writers"][stage["name"]]:
+                    assert layer.get_submodule(path).weight.shape[0] == (branch or widths[position + 1])
+                if stage["post_norm"]:
+                    assert layer.get_submodule(stage["post_norm"]).mix.weight.shape == (widths[position + 1], branch)
+            assert widths[position + 1] == k
+            assert layer.shortcut(group).weight.shape == (widths[position + 1], widths[position])
 
 
 @pytest.mark.parametrize("tie", ["keep", "untie"])
@@ -101,8 +108,9 @@ def test_save_load_gives_identical_logits(tmp_path, model_type):
         assert torch.equal(loaded(input_ids=ids).logits, expected)
 
 
-def test_remote_code_loads_without_slice2deploy(tmp_path):
-    sliced = _sliced("llama")
+@pytest.mark.parametrize("model_type", ["llama", "phi", "gemma3_text"])  # sequential; parallel; post-norms
+def test_remote_code_loads_without_slice2deploy(tmp_path, model_type):
+    sliced = _sliced(model_type)
     ids = _calibration(sliced, n=1, length=8, seed=3)
     with torch.no_grad():
         expected = sliced(input_ids=ids).logits

@@ -29,6 +29,16 @@ def _calibration(model, n=4, length=16, seed=0):
     return torch.randint(0, model.config.vocab_size, (n, length), generator=generator)
 
 
+def _modelled(model_type):
+    """The exact cost models sequential pre-norm blocks; other families are refused (tested in test_architectures)."""
+    from slice2deploy.adapters import registered_adapters
+
+    try:
+        registered_adapters()[model_type]().check_textbook("spectrum cost")
+    except UserInputError:
+        pytest.skip(f"{model_type}: the parameter cost does not model its blocks (refused with a clear error)")
+
+
 def _slice(model, widths, tie="keep"):
     return slice_model(copy.deepcopy(model), _calibration(model), None, SliceConfig(widths=widths, tie=tie),
                        progress=False)
@@ -36,6 +46,7 @@ def _slice(model, widths, tie="keep"):
 
 @pytest.mark.parametrize("tie", ["keep", "untie"])
 def test_count_is_exact_for_random_widths(model_type, tie):
+    _modelled(model_type)
     model = tiny_model(model_type)
     cost = parameter_cost(model, tie)
     assert cost.dense == count_parameters(model)["total"]
@@ -50,6 +61,7 @@ def test_count_is_exact_for_random_widths(model_type, tie):
 
 @pytest.mark.parametrize("tie", ["keep", "untie"])
 def test_cost_from_config_needs_no_weights(model_type, tie):
+    _modelled(model_type)
     model = tiny_model(model_type)
     assert parameter_cost_from_config(model.config, tie) == parameter_cost(model, tie)
 

@@ -20,7 +20,7 @@ from slice2deploy.utils import UserInputError
 
 from .conftest import tiny_model, tiny_tokenizer
 
-RMS_TYPES = ["llama", "mistral", "qwen2"]
+RMS_TYPES = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
 
 
 def _ids(model, n=6, length=24, seed=0):

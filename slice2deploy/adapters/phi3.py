@@ -1,0 +1,52 @@
+"""Phi-3 (and Phi-4-mini, which ships as ``phi3``): Llama-like pre-norm RMSNorm blocks with fused readers.
+
+Source: transformers ``models/phi3/modeling_phi3.py``: ``Phi3Attention.qkv_proj`` (one linear producing q, k and v
+side by side) and ``Phi3MLP.gate_up_proj`` (gate and up side by side, split after the matmul). A fused reader is
+still a linear of the normed residual stream, ``W ← W Q`` rotates all of its output rows at once, so fusing needs
+no machinery: only the names differ from Llama. Partial rotary (Phi-4-mini) acts on the head dimension only.
+"""
+
+from __future__ import annotations
+
+from .base import Adapter, Stage, StageKind, register_adapter
+
+
+@register_adapter
+class Phi3Adapter(Adapter):
+    model_types = ("phi3",)
+    embeddings = ("model.embed_tokens",)
+    layers = "model.layers"
+    final_norm = "model.norm"
+    stages = (
+        Stage(
+            name="attn",
+            kind=StageKind.ATTENTION,
+            norm="input_layernorm",
+            readers=("self_attn.qkv_proj",),
+            writers=("self_attn.o_proj",),
+            call=("self_attn",),
+        ),
+        Stage(
+            name="mlp",
+            kind=StageKind.MLP,
+            norm="post_attention_layernorm",
+            readers=("mlp.gate_up_proj",),
+            writers=("mlp.down_proj",),
+            call=("mlp",),
+        ),
+    )
+    tiny_config = {
+        "vocab_size": 96,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "original_max_position_embeddings": 128,
+        "rms_norm_eps": 1e-6,
+        "pad_token_id": 0,  # the default (32000) is outside a tiny vocabulary
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+    }
