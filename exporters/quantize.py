@@ -12,7 +12,6 @@ the block size.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from dataclasses import asdict, dataclass
 from enum import Enum
@@ -22,6 +21,7 @@ import numpy as np
 
 from slice2deploy.utils import Slice2DeployError, UserInputError, atomic_directory, sha256_file
 
+from .graph_io import PrefillReader, calibration_samples, copy_side_files, count_roles, is_large, prefill_feeds
 from .ort import OrtCausalLM, check_onnx_dir, runtime_versions
 from .smooth import SmoothGroup, smoothable_groups
 
@@ -249,29 +249,10 @@ def quant_plan(matmuls: list[WeightMatMul], config: QuantConfig) -> QuantPlan:
     return QuantPlan(chosen, weight_int8, skipped)
 
 
-def _copy_side_files(source: Path, target: Path) -> None:
-    for path in source.iterdir():
-        if path.is_file() and not path.name.endswith((".onnx", ".data", ".onnx_data")) and "manifest" not in path.name:
-            shutil.copy2(path, target / path.name)
-
-
 def _calibration_inputs(runner: OrtCausalLM, config: QuantConfig, samples: int | None = None,
                         seqlen: int | None = None) -> list[np.ndarray]:
-    from slice2deploy.data import calibration_batch, load_text
-
-    ids, _ = calibration_batch(runner.tokenizer(), load_text(config.calib, "calibration"),
-                               samples or config.calib_samples, seqlen or config.calib_seqlen, config.seed)
-    return [row[None].numpy().astype(np.int64) for row in ids]
-
-
-class _Reader:
-    """ONNX Runtime's CalibrationDataReader protocol: one prefill (empty cache) per calibration sequence."""
-
-    def __init__(self, runner: OrtCausalLM, samples: list[np.ndarray]):
-        self._feeds = iter([runner._feeds(ids, None, None, None) for ids in samples])
-
-    def get_next(self) -> dict | None:
-        return next(self._feeds, None)
+    return calibration_samples(runner, config.calib, samples or config.calib_samples, seqlen or config.calib_seqlen,
+                               config.seed)
 
 
 QDQ_OUTPUT_DTYPE_OPSET = 21  # QuantizeLinear gains its output_dtype attribute
@@ -286,7 +267,7 @@ def _quantize_int8(source: Path, target: Path, nodes: list[str], config: QuantCo
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     common = {"per_channel": True, "weight_type": QuantType.QInt8, "nodes_to_quantize": nodes,
-              "op_types_to_quantize": ["MatMul", "Gemm"], "use_external_data_format": _is_large(source)}
+              "op_types_to_quantize": ["MatMul", "Gemm"], "use_external_data_format": is_large(source)}
     if config.mode == QuantMode.INT8_DYNAMIC:
         quantize_dynamic(source, target, **common)
         return
@@ -299,7 +280,7 @@ def _quantize_int8(source: Path, target: Path, nodes: list[str], config: QuantCo
                                 # S8->U8 pass makes their zero points uint8: opset >= 21 graphs then fail to load
                                 # (onnxruntime#25526). com.microsoft Q/DQ (same kernels) have no output_dtype.
                                 "UseQDQContribOps": qdq and opset >= QDQ_OUTPUT_DTYPE_OPSET}}
-    quantize_static(source, target, _Reader(runner, samples), **static, **common)
+    quantize_static(source, target, PrefillReader(runner, samples), **static, **common)
 
 
 def _quantize_nbits(source: Path, target: Path, nodes: list[str], config: QuantConfig, bits: int) -> None:
@@ -337,7 +318,7 @@ def _quantize_nbits(source: Path, target: Path, nodes: list[str], config: QuantC
     if done != len(chosen):
         raise Slice2DeployError(f"{bits}-bit: asked to quantize {len(chosen)} MatMuls, onnxruntime produced {done} "
                                 "MatMulNBits nodes; refusing to report a plan that was not carried out")
-    quantizer.model.save_model_to_file(str(target), use_external_data_format=_is_large(source))
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=is_large(source))
 
 
 def _quantize_gptq(source: Path, target: Path, chosen: list[WeightMatMul], config: QuantConfig,
@@ -358,16 +339,16 @@ def _quantize_gptq(source: Path, target: Path, chosen: list[WeightMatMul], confi
     readers = {node.name: node.input[0] for node in model.graph.node if node.input}
     inputs = {mm.node: readers[mm.node] for mm in chosen}
     samples = _calibration_inputs(runner, config, config.gptq_samples, config.gptq_seqlen)
-    feeds = (runner._feeds(ids, None, None, None) for ids in samples)
+    feeds = (prefill_feeds(runner, ids) for ids in samples)
     sink = config.gptq_first_token_weight or float(config.gptq_seqlen)
-    grams = probe_grams(source, sorted(set(inputs.values())), feeds, target.parent, large=_is_large(source),
+    grams = probe_grams(source, sorted(set(inputs.values())), feeds, target.parent, large=is_large(source),
                         first_token_weight=sink,
                         progress=lambda items: tqdm(items, desc="GPTQ calibration"))
     for mm in tqdm(chosen, desc="GPTQ layers"):
         weight = numpy_helper.to_array(weights[mm.weight])
         codes, scales, zeros = gptq_quantize(weight, grams[inputs[mm.node]], config.block_size, damp=config.gptq_damp)
         replace_with_nbits(model, mm.node, codes, scales, zeros, config.block_size, config.accuracy_level)
-    onnx.save_model(model, str(target), save_as_external_data=_is_large(source), all_tensors_to_one_file=True,
+    onnx.save_model(model, str(target), save_as_external_data=is_large(source), all_tensors_to_one_file=True,
                     location=f"{target.name}.data")
 
 
@@ -379,18 +360,13 @@ def _smooth(source: Path, target: Path, groups: list[SmoothGroup], config: Quant
 
     from .smooth import channel_maxima, smooth_initializers
 
-    feeds = (runner._feeds(ids, None, None, None) for ids in samples)
-    maxima = channel_maxima(source, [g.activation for g in groups], feeds, target.parent, large=_is_large(source),
+    feeds = (prefill_feeds(runner, ids) for ids in samples)
+    maxima = channel_maxima(source, [g.activation for g in groups], feeds, target.parent, large=is_large(source),
                             progress=lambda items: tqdm(items, desc="SmoothQuant calibration"))
     model = onnx.load(str(source))
     summary.update(smooth_initializers(model, groups, maxima, config.smooth_alpha))
-    onnx.save_model(model, str(target), save_as_external_data=_is_large(source), all_tensors_to_one_file=True,
+    onnx.save_model(model, str(target), save_as_external_data=is_large(source), all_tensors_to_one_file=True,
                     location=f"{target.name}.data")
-
-
-def _is_large(model_path: Path) -> bool:
-    data = [p for p in model_path.parent.iterdir() if p.suffix in (".data", ".onnx_data")]
-    return sum(p.stat().st_size for p in [model_path, *data]) > (1536 << 20)
 
 
 def logits_snr_db(reference: OrtCausalLM, candidate: OrtCausalLM, samples: list[np.ndarray]) -> float:
@@ -424,7 +400,7 @@ def quantize_onnx(source_dir: str | Path, out_dir: str | Path, config: QuantConf
     groups = [] if config.smooth_alpha is None else smoothable_groups(graph, {mm.node for mm in full.chosen})
     smoothing: dict = {}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        _copy_side_files(source, tmp)
+        copy_side_files(source, tmp)
         _run_passes(model_path, tmp, full, config, reference, samples, _default_opset(graph), groups, smoothing)
         embedding = None if not config.embedding_dtype else _embedding_name(tmp / MODEL_FILE)
         snr = logits_snr_db(reference, OrtCausalLM(tmp), samples)
@@ -498,7 +474,7 @@ def _embedding_to_float16(source: Path, target: Path) -> None:
     model.graph.initializer.append(half)
     model.graph.node.insert(0, helper.make_node("Cast", [half.name], [name], to=TensorProto.FLOAT,
                                                 name=f"{name}/cast_to_float32"))
-    onnx.save_model(model, str(target), save_as_external_data=_is_large(source), all_tensors_to_one_file=True,
+    onnx.save_model(model, str(target), save_as_external_data=is_large(source), all_tensors_to_one_file=True,
                     location=f"{target.name}.data")
 
 
@@ -511,18 +487,14 @@ def _remove_model(path: Path, keep: Path) -> None:
 
 
 def _manifest(source: Path, model_path: Path, out: Path, config: QuantConfig, full: QuantPlan, snr: float) -> dict:
-    roles: dict[str, int] = {}
-    for mm in full.chosen:
-        roles[mm.role] = roles.get(mm.role, 0) + 1
     return {
         "command": sys.argv,
         "config": config.to_dict(),
         "source": {"directory": str(source.resolve()), "model_sha256": sha256_file(model_path)},
         "quantized_matmuls": len(full.chosen),
-        "quantized_by_role": roles,
+        "quantized_by_role": count_roles(full.chosen),
         "weight_int8_matmuls": len(full.weight_int8),
-        "weight_int8_by_role": {role: sum(mm.role == role for mm in full.weight_int8)
-                                for role in sorted({mm.role for mm in full.weight_int8})},
+        "weight_int8_by_role": count_roles(full.weight_int8),
         "unquantized": full.skipped,
         "unquantized_count": len(full.skipped),
         "size_bytes": {"source": _directory_bytes(source), "quantized": _directory_bytes(out)},

@@ -25,7 +25,6 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.bundle import BUILD_SCRIPT, BUNDLE_MANIFEST, REMOVED_IN_TRT11, SHAPES_FILE
 from exporters.onnx import OnnxExportConfig, export_onnx
 from exporters.ort import OrtCausalLM
 from exporters.tensorrt import (
@@ -36,7 +35,6 @@ from exporters.tensorrt import (
     TensorRTUnavailable,
     TrtBuildConfig,
     TrtReadyQualityError,
-    _drop_cast_round_trips,
     build_engine,
     check_engine_compatibility,
     check_trt_major,
@@ -51,7 +49,9 @@ from exporters.tensorrt import (
     sidecar_static,
     version_tuple,
 )
-from exporters.tensorrt_cli import EXIT_NO_TENSORRT, add_build_engine_parser, run_build_engine
+from exporters.tensorrt.bundle import BUILD_SCRIPT, BUNDLE_MANIFEST, REMOVED_IN_TRT11, SHAPES_FILE
+from exporters.tensorrt.cli import EXIT_NO_TENSORRT, add_build_engine_parser, run_build_engine
+from exporters.tensorrt.fp16 import _drop_cast_round_trips
 from slice2deploy.utils import UserInputError
 
 from .conftest import tiny_model, tiny_tokenizer
