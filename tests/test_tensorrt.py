@@ -108,6 +108,7 @@ def cli_run(dense_onnx, tiny_text_file, tmp_path_factory):
     stderr, stdout = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
         patch.setitem(sys.modules, "tensorrt", None)  # import tensorrt raises ImportError even where it is installed
+        patch.setitem(sys.modules, "tensorrt_rtx", None)  # and TensorRT-RTX too
         status = args.handler(args)
     return status, stderr.getvalue(), out
 
@@ -363,6 +364,7 @@ def test_version_helpers_and_network_flags():
 
 def test_build_engine_without_tensorrt_raises_the_install_hint(trt_ready, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)  # neither TensorRT nor TensorRT-RTX
     _, out = trt_ready("fp16")
     with pytest.raises(TensorRTUnavailable, match="pip install tensorrt"):
         build_engine(out, tmp_path / ENGINE_FILE)

@@ -22,8 +22,12 @@ Modules, in the order a graph goes through them:
 - ``ready``    :func:`make_trt_ready`: graph + validation against the float32 source + manifest
 - ``sidecar``  TensorRT import, versions, the engine sidecar and the load-time compatibility check
 - ``engine``   :func:`build_engine` (TensorRT 10.x / 11.x Python API)
+- ``weight_only`` INT4 / INT8 weight-only Q/DQ with GPTQ, 8-bit outlier MatMuls and an untied, quantized head
 - ``runner``   :class:`TrtCausalLM`
-- ``bundle``   the deploy bundle (``build.sh`` for trtexec, README)
+- ``rtx``      TensorRT-RTX: refusals before the build, ahead-of-time build for compute-capability targets
+- ``report``   the network report (what the parser built: layers, Q/DQ, weight precisions)
+- ``rtx_runner`` :class:`RtxCausalLM` (runtime cache, refit of weight-stripped engines; needs an RTX GPU)
+- ``bundle``   the deploy bundle (``build.sh`` for trtexec, README); ``rtx_bundle`` adds the built RTX engine
 - ``cli``      ``slice2deploy build-engine`` (imports nothing heavy until it runs)
 
 Public names are re-exported here lazily, so ``import exporters.tensorrt.cli`` stays cheap.
@@ -36,7 +40,8 @@ import importlib
 _EXPORTS = {
     "config": ["ENGINE_FILE", "INSTALL_HINT", "TIMING_CACHE_FILE", "TRT_ONNX_MANIFEST", "SIDECAR_SUFFIX",
                "EngineBuildError", "EngineMismatchError", "Precision", "ProfilePreset", "ShapeRange",
-               "TensorRTUnavailable", "TrtBuildConfig", "TrtProfile", "TrtReadyQualityError", "context_length_of",
+               "TensorRTUnavailable", "TrtBuildConfig", "Runtime", "TrtProfile", "TrtReadyQualityError",
+               "context_length_of",
                "datacenter_profile", "graph_inputs", "input_shapes", "jetson_profile", "profile_preset",
                "rtx_profile"],
     "fp16": ["convert_fp16", "float32_nodes"],
@@ -45,8 +50,13 @@ _EXPORTS = {
     "sidecar": ["check_engine_compatibility", "check_trt_major", "current_device", "make_sidecar", "onnx_digest",
                 "read_sidecar", "require_tensorrt", "sidecar_path", "sidecar_static", "tensorrt_available",
                 "version_tuple"],
-    "engine": ["build_engine", "network_flags"],
+    "engine": ["build_engine", "network_flags", "resolve_runtime"],
     "runner": ["TrtCausalLM"],
+    "rtx": ["GraphRefused", "build_rtx_engine", "check_buildable", "refusal", "require_tensorrt_rtx",
+            "tensorrt_rtx_available"],
+    "rtx_runner": ["RtxCausalLM", "check_rtx_compatibility"],
+    "report": ["network_report"],
+    "weight_only": ["quantize_weight_only", "untie_head"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -63,6 +63,23 @@ class Precision(str, Enum):
     FP16 = "fp16"  # float16 graph, norms/softmax/RoPE/logits in float32
     INT8 = "int8"  # W8A8: Q/DQ on weight MatMuls (weights per channel, activations per tensor), float16 elsewhere
     INT4 = "int4"  # W4A16: blocked INT4 weight DequantizeLinear, float16 elsewhere
+    INT8_WO = "int8-wo"  # W8A16: per-channel INT8 weight DequantizeLinear (weight-only), float16 elsewhere
+
+
+class Runtime(str, Enum):
+    """Which TensorRT builds the engine: TensorRT 10.x/11.x (on the target GPU) or TensorRT for RTX (ahead of
+    time, on any machine, for RTX-class compute capabilities)."""
+
+    TENSORRT = "tensorrt"
+    TENSORRT_RTX = "tensorrt-rtx"
+
+
+WEIGHT_ONLY = (Precision.INT8_WO, Precision.INT4)
+INT4_METHODS = ("rtn", "gptq")
+# TensorRT-RTX 1.7's ComputeCapability targets, and the documented default set an engine is built for when none
+# is named (NVIDIA, "CPU-Only AOT and TensorRT-RTX Engines": 8.0, 8.6, 8.9 and 12.0; 7.5 only on request)
+RTX_TARGETS = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
+RTX_DEFAULT_TARGETS = ("8.0", "8.6", "8.9", "12.0")
 
 
 class ProfilePreset(str, Enum):
@@ -195,15 +212,45 @@ class TrtBuildConfig:
     fp16_max_rel_diff: float = FP16_MAX_REL_DIFF
     timing_cache: str | None = None  # None: timing.cache next to the engine
     device_index: int = 0
+    # Weight-only graphs (int4, int8-wo) take exporters.quantize's quality tools: GPTQ for the 4-bit weights,
+    # 8-bit storage for outlier-heavy MatMuls (weight_int8 patterns, e.g. down_proj) and residual shortcuts, and
+    # an untied head at head_bits (None: float) so the embedding table becomes float16.
+    int4_method: str = "rtn"  # rtn | gptq
+    weight_int8: list[str] = field(default_factory=list)
+    shortcuts: str = "float"  # float | weight-int8 (weight-only graphs) | same
+    head_bits: int | None = None  # weight-only graphs: 8 or 4 (the head untied from a tied embedding)
+    gptq_samples: int = 32
+    gptq_seqlen: int = 512
+    gptq_damp: float = 0.01
+    runtime: Runtime | None = None  # None: TensorRT if it imports, else TensorRT-RTX if it imports
+    target_cc: list[str] = field(default_factory=list)  # TensorRT-RTX targets; empty: RTX_DEFAULT_TARGETS
+    strip_weights: bool = False  # TensorRT-RTX: weight-stripped engine, refitted from the ONNX file at load
     version: int = 1
 
     def __post_init__(self) -> None:
         self.precision = _enum(Precision, self.precision, "precision")
         self.keep_float = [str(p) for p in self.keep_float if str(p)]
+        self.weight_int8 = [str(p) for p in self.weight_int8 if str(p)]
         self.profile = _enum(ProfilePreset, self.profile, "profile")
+        self.runtime = None if self.runtime is None else _enum(Runtime, self.runtime, "runtime")
+        self.target_cc = [str(t) for t in self.target_cc]
+        unknown = [t for t in self.target_cc if t not in RTX_TARGETS]
+        if unknown:
+            raise UserInputError(f"unknown compute capability target(s) {unknown}; TensorRT-RTX builds for "
+                                 f"{', '.join(RTX_TARGETS)}")
+        if self.int4_method not in INT4_METHODS:
+            raise UserInputError(f"int4_method must be one of {', '.join(INT4_METHODS)}, got {self.int4_method!r}")
+        if self.head_bits not in (None, 4, 8):
+            raise UserInputError(f"head_bits must be 4, 8 or unset, got {self.head_bits!r}")
+        weight_only_options = self.int4_method != "rtn" or self.weight_int8 or self.head_bits is not None
+        if weight_only_options and self.precision not in WEIGHT_ONLY:
+            raise UserInputError("int4_method, weight_int8 and head_bits apply to the weight-only precisions "
+                                 f"(int4, int8-wo), not {self.precision.value}")
         if self.workspace_mib is not None and (isinstance(self.workspace_mib, bool) or self.workspace_mib < 64):
             raise UserInputError(f"workspace_mib must be at least 64, got {self.workspace_mib}")
         self.quant_config()  # validates block size and calibration sizes with exporters.quantize's rules
+        if self.shortcuts == "weight-int8" and self.precision not in WEIGHT_ONLY:
+            raise UserInputError("shortcuts=weight-int8 needs a weight-only precision (int4, int8-wo)")
         if not 0 < self.fp16_max_rel_diff < 1:
             raise UserInputError(f"fp16_max_rel_diff must be in (0, 1), got {self.fp16_max_rel_diff}")
         if self.device_index < 0:
@@ -211,7 +258,16 @@ class TrtBuildConfig:
 
     @property
     def quant_mode(self) -> QuantMode | None:
-        return {Precision.INT8: QuantMode.INT8_STATIC, Precision.INT4: QuantMode.INT4}.get(self.precision)
+        # int8-wo is gated like ONNX Runtime's int8-dynamic (int8 weights per channel, float activations in the GEMM)
+        return {Precision.INT8: QuantMode.INT8_STATIC, Precision.INT4: QuantMode.INT4,
+                Precision.INT8_WO: QuantMode.INT8_DYNAMIC}.get(self.precision)
+
+    @property
+    def weight_only_path(self) -> bool:
+        """True when the graph is written by exporters.tensorrt.weight_only (int8-wo always; int4 with any of its
+        quality options); plain round-to-nearest int4 keeps onnxruntime's blocked quantizer."""
+        return self.precision is Precision.INT8_WO or (self.precision is Precision.INT4 and bool(
+            self.int4_method != "rtn" or self.weight_int8 or self.head_bits is not None or self.shortcuts != "float"))
 
     @property
     def snr_floor(self) -> float:
@@ -222,15 +278,17 @@ class TrtBuildConfig:
     def quant_config(self) -> QuantConfig:
         return QuantConfig(mode=self.quant_mode or QuantMode.INT8_STATIC, block_size=self.int4_block_size,
                            quantize_head=self.quantize_head, calib=self.calib, calib_samples=self.calib_samples,
-                           calib_seqlen=self.calib_seqlen, seed=self.seed,
-                           shortcuts="float")  # TensorRT Q/DQ graphs have no 8-bit weight-only MatMulNBits
+                           calib_seqlen=self.calib_seqlen, seed=self.seed, gptq_samples=self.gptq_samples,
+                           gptq_seqlen=self.gptq_seqlen, gptq_damp=self.gptq_damp,
+                           shortcuts=self.shortcuts)  # W8A8 (int8) takes float or same only: see __post_init__
 
     def resolved_profile(self, context_length: int | None = None) -> TrtProfile:
         profile = profile_preset(self.profile, context_length)
         return profile if self.workspace_mib is None else replace(profile, workspace_mib=self.workspace_mib)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "precision": self.precision.value, "profile": self.profile.value}
+        return {**asdict(self), "precision": self.precision.value, "profile": self.profile.value,
+                "runtime": None if self.runtime is None else self.runtime.value}
 
     @classmethod
     def from_dict(cls, data: dict) -> TrtBuildConfig:

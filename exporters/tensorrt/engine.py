@@ -12,6 +12,8 @@ from ..ort import check_onnx_dir
 from .config import (
     TIMING_CACHE_FILE,
     EngineBuildError,
+    Runtime,
+    TensorRTUnavailable,
     TrtBuildConfig,
     TrtProfile,
     context_length_of,
@@ -77,10 +79,34 @@ def _set_timing_cache(config, blob: bytes) -> bool:
         return False
 
 
+def resolve_runtime(config: TrtBuildConfig) -> Runtime:
+    """The runtime that builds: the config's, else TensorRT 10.x/11.x when it imports, else TensorRT-RTX when it
+    imports; TensorRTUnavailable (one line, both install hints) when neither does."""
+    from .rtx import RTX_INSTALL_HINT, tensorrt_rtx_available
+
+    if config.runtime is not None:
+        return config.runtime
+    try:
+        require_tensorrt()
+        return Runtime.TENSORRT
+    except TensorRTUnavailable as error:
+        if tensorrt_rtx_available():
+            return Runtime.TENSORRT_RTX
+        raise TensorRTUnavailable(f"{error}; or, for RTX GPUs, TensorRT-RTX (builds without a GPU): "
+                                  f"{RTX_INSTALL_HINT}") from error
+
+
 def build_engine(onnx_dir: str | Path, engine_path: str | Path, config: TrtBuildConfig | None = None) -> dict:
-    """Build a TensorRT engine from a TensorRT-ready ONNX directory; write the engine, its sidecar and the timing
-    cache; return the sidecar. Needs TensorRT 10.x/11.x and a GPU (raises TensorRTUnavailable without TensorRT)."""
+    """Build an engine from a TensorRT-ready ONNX directory with the runtime :func:`resolve_runtime` picks; write
+    the engine and its sidecar (TensorRT 10/11: also the timing cache); return the sidecar.
+
+    TensorRT 10.x/11.x builds on a GPU for that GPU; TensorRT-RTX builds ahead of time without one
+    (:func:`exporters.tensorrt.rtx.build_rtx_engine`). Raises TensorRTUnavailable when the runtime is missing."""
     config = config or TrtBuildConfig()
+    if resolve_runtime(config) is Runtime.TENSORRT_RTX:
+        from .rtx import build_rtx_engine
+
+        return build_rtx_engine(onnx_dir, engine_path, config)
     trt = require_tensorrt()
     major = check_trt_major(trt.__version__)
     device = current_device(config.device_index)

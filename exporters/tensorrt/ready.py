@@ -27,6 +27,7 @@ from .config import (
 )
 from .fp16 import _require_opset, convert_fp16
 from .qdq import _check_quantized, _node_outputs, _plan_nodes, qdq_report, quantize_int4_qdq, quantize_int8_qdq
+from .weight_only import quantize_weight_only
 
 
 def _text_samples(runner: OrtCausalLM, config: TrtBuildConfig) -> list[np.ndarray]:
@@ -36,9 +37,31 @@ def _text_samples(runner: OrtCausalLM, config: TrtBuildConfig) -> list[np.ndarra
 def _write_graph(model_path: Path, target: Path, config: TrtBuildConfig, reference: OrtCausalLM,
                  samples: list[np.ndarray]) -> dict:
     """Write the precision's graph at ``target``; return what was quantized and what was left in float."""
+    large = is_large(model_path)
+    bits: dict[str, int] = {}
+    if config.weight_only_path:
+        model, choices, skipped = quantize_weight_only(model_path, config, reference, target.parent)
+        chosen = [c.matmul for c in choices]
+        bits = {str(b): sum(c.bits == b for c in choices) for b in sorted({c.bits for c in choices})}
+    else:
+        model, chosen, skipped = _quantize(model_path, target, config, reference, samples)
+    if config.quant_mode:
+        _require_opset(model, QDQ_OPSET)
+        chosen, missed = _check_quantized(model, chosen, _node_outputs(model_path), config.precision)
+        skipped += missed
+    model = convert_fp16(model, config.head_in_float32)
+    save_model(model, target, large)
+    report = {"quantized_matmuls": len(chosen), "quantized_by_role": count_roles(chosen), "unquantized": skipped,
+              "unquantized_count": len(skipped)}
+    return {**report, "weight_bits": bits} if bits else report
+
+
+def _quantize(model_path: Path, target: Path, config: TrtBuildConfig, reference: OrtCausalLM,
+              samples: list[np.ndarray]) -> tuple:
+    """W8A8 INT8 (onnxruntime's static QDQ quantizer) or round-to-nearest INT4 (its blocked quantizer), or the
+    float graph for fp16: (model, chosen, skipped)."""
     import onnx
 
-    large = is_large(model_path)
     chosen, skipped = _plan_nodes(model_path, config) if config.quant_mode else ([], [])
     nodes = [mm.node for mm in chosen]
     if config.precision is Precision.INT8:
@@ -51,15 +74,7 @@ def _write_graph(model_path: Path, target: Path, config: TrtBuildConfig, referen
         model = onnx.load(str(model_path))
         if config.precision is Precision.INT4:
             model = quantize_int4_qdq(model, nodes, config.int4_block_size)
-    if config.quant_mode:
-        _require_opset(model, QDQ_OPSET)
-        chosen, missed = _check_quantized(model, chosen, _node_outputs(model_path), config.precision)
-        skipped += missed
-    model = convert_fp16(model, config.head_in_float32)
-    save_model(model, target, large)
-    return {"quantized_matmuls": len(chosen), "quantized_by_role": count_roles(chosen), "unquantized": skipped,
-            "unquantized_count": len(skipped)}
-
+    return model, chosen, skipped
 
 
 def _logits(runner: OrtCausalLM, ids: np.ndarray, mask: np.ndarray | None = None, past=None) -> tuple:

@@ -25,10 +25,10 @@ class TrtCausalLM:
     def __init__(self, engine_path: str | Path, device_index: int = 0, allow_other_gpu_model: bool = False):
         import torch
 
-        trt = require_tensorrt()
+        trt = self._module()
         self.engine_path = Path(engine_path).expanduser()
         self.sidecar = read_sidecar(self.engine_path)
-        check_engine_compatibility(self.sidecar, current_device(device_index), allow_other_gpu_model)
+        self._check(device_index, allow_other_gpu_model)
         self.device = torch.device("cuda", device_index)
         self._logger = trt.Logger(trt.Logger.WARNING)
         with _cuda_device(device_index):
@@ -36,7 +36,7 @@ class TrtCausalLM:
             self.engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
             if self.engine is None:
                 raise EngineMismatchError(f"TensorRT could not deserialize {self.engine_path} (see its log above)")
-            self.context = self.engine.create_execution_context()
+            self.context = self._context(trt)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if n not in self.input_names]
@@ -47,6 +47,16 @@ class TrtCausalLM:
         self.kv_heads, self.head_dim = shape[1], shape[3]
         self.stream = torch.cuda.Stream(self.device)
         self._scratch = torch.empty(1, dtype=torch.float32, device=self.device)  # address for zero-size tensors
+
+    def _module(self):
+        """The TensorRT Python module this runner drives (TensorRT-RTX's runner overrides it)."""
+        return require_tensorrt()
+
+    def _check(self, device_index: int, allow_other_gpu_model: bool) -> None:
+        check_engine_compatibility(self.sidecar, current_device(device_index), allow_other_gpu_model)
+
+    def _context(self, trt):
+        return self.engine.create_execution_context()
 
     def empty_past(self, batch: int) -> list[tuple]:
         import torch
