@@ -117,6 +117,21 @@ def check_buildable(model_path: str | Path) -> None:
                            f"{reason}")
 
 
+def check_strip(targets: list[str]) -> None:
+    """Weight-stripped engines, as TensorRT-RTX 1.7.1 builds them: refittable (STRIP_PLAN / REFIT flags) engines
+    compile on a GPU for exactly one target. Measured here: with several targets the builder fails its check
+    ``sm_vers_.size() == 1``; with one target and no GPU its JIT step fails with a CUDA error. Refused up front."""
+    import torch
+
+    if len(targets) != 1:
+        raise GraphRefused(f"a weight-stripped engine is built for one compute capability (TensorRT-RTX 1.7), got "
+                           f"{len(targets)} targets: pass one --target-cc, or build a full engine")
+    if not torch.cuda.is_available():
+        raise GraphRefused("a weight-stripped (refittable) engine needs a GPU at build time in TensorRT-RTX 1.7 (its "
+                           "builder compiles refittable kernels with CUDA); build a full engine here, or strip on "
+                           "the target")
+
+
 def target_enums(trt, targets: list[str] | tuple[str, ...]) -> list:
     """``["8.6", "12.0"]`` -> ``[ComputeCapability.SM86, ComputeCapability.SM120]`` (UserInputError if unknown)."""
     found = []
@@ -170,6 +185,8 @@ def build_rtx_engine(onnx_dir: str | Path, engine_path: str | Path, config: TrtB
     model_path = check_onnx_dir(onnx_dir)
     check_buildable(model_path)
     targets = list(config.target_cc or RTX_DEFAULT_TARGETS)
+    if config.strip_weights:
+        check_strip(targets)
     profile = config.resolved_profile(context_length_of(onnx_dir))
     shapes = input_shapes(graph_inputs(model_path), profile)
     engine_path = Path(engine_path).expanduser()
