@@ -61,9 +61,10 @@ def render_rtx_section(sidecar: dict) -> str:
     return f"""
 ## TensorRT-RTX engine (built ahead of time, ships in this bundle)
 `{ENGINE_FILE}` ({sidecar['engine_bytes'] / 1e6:.1f} MB) was built by TensorRT-RTX {sidecar['tensorrt']['version']}
-without a GPU, in {sidecar['build_seconds']} s, for compute capabilities **{targets}** (RTX 30/40/50-class GPUs
-and the A-series of those generations). It runs on any of those GPUs with the same TensorRT-RTX version;
-anything else is refused when it loads (`{ENGINE_FILE}{SIDECAR_SUFFIX}` records what it was built for).
+without a GPU, in {sidecar['build_seconds']} s, for compute capabilities **{targets}** (TensorRT-RTX's default
+set covers Ampere 8.0/8.6, Ada 8.9 and Blackwell 12.0). It runs on a GPU of one of those compute capabilities with
+the same TensorRT-RTX version; anything else is refused when it loads (`{ENGINE_FILE}{SIDECAR_SUFFIX}` records
+what it was built for).
 {stripped}
 ```bash
 pip install tensorrt-rtx-cu12=={sidecar['tensorrt']['version']} torch transformers   # plus slice2deploy

@@ -85,6 +85,8 @@ class RtxCausalLM(TrtCausalLM):
         source = Path(onnx_path) if onnx_path else Path(self.sidecar["source_onnx"]["path"])
         if not source.is_absolute():
             source = self.engine_path.parent / source
+        if not source.is_file():  # a bundle copied to the target: its own onnx/model.onnx
+            source = self.engine_path.parent / "onnx" / "model.onnx"
         if not source.is_file():
             raise EngineMismatchError(f"{self.engine_path.name} is weight-stripped and its ONNX file {source} is "
                                       "missing; pass onnx_path= the TensorRT-ready model.onnx it was built from")
