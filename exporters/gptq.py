@@ -56,16 +56,24 @@ def probe_grams(model_path: Path, tensors: list[str], feeds: Iterable[dict], scr
     return {**grams, "__tokens__": np.array(tokens)}
 
 
-def _block_params(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+def _block_params(w: np.ndarray, bits: int, symmetric: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Scale and integer zero point per row of ``w`` (rows = output columns, one quantization block each), with
-    the clipping range shrunk to whichever factor of ``CLIP_GRID`` gives the smallest squared error."""
+    the clipping range shrunk to whichever factor of ``CLIP_GRID`` gives the smallest squared error. Symmetric:
+    the zero point is fixed at ``2**(bits-1)`` (signed codes -8..7 for 4 bits, what TensorRT's Q/DQ takes) and
+    ``max |w|`` maps to ``2**(bits-1) - 1``."""
     top = 2**bits - 1
     lo, hi = np.minimum(w.min(axis=1), 0.0), np.maximum(w.max(axis=1), 0.0)
+    if symmetric:
+        lo, hi = -np.maximum(-lo, hi), np.maximum(-lo, hi)
     best_err = np.full(w.shape[0], np.inf)
     best_scale, best_zero = np.ones(w.shape[0]), np.zeros(w.shape[0])
     for shrink in CLIP_GRID:
-        scale = np.maximum((hi - lo) * shrink / top, 1e-12)
-        zero = np.clip(np.round(-lo * shrink / scale), 0, top)
+        if symmetric:
+            scale = np.maximum(hi * shrink / (2 ** (bits - 1) - 1), 1e-12)
+            zero = np.full(w.shape[0], 2.0 ** (bits - 1))
+        else:
+            scale = np.maximum((hi - lo) * shrink / top, 1e-12)
+            zero = np.clip(np.round(-lo * shrink / scale), 0, top)
         err = np.square(_fake_quant(w, scale, zero, top) - w).sum(axis=1)
         better = err < best_err
         best_err[better], best_scale[better], best_zero[better] = err[better], scale[better], zero[better]
@@ -89,12 +97,14 @@ def _inverse_hessian_factor(gram: np.ndarray, damp: float) -> np.ndarray:
     return np.linalg.cholesky(inverse.T @ inverse).T
 
 
-def gptq_quantize(weight: np.ndarray, gram: np.ndarray, block_size: int, bits: int = 4, damp: float = 0.01
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def gptq_quantize(weight: np.ndarray, gram: np.ndarray, block_size: int, bits: int = 4, damp: float = 0.01,
+                  symmetric: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quantize ``weight`` (K x N, ``y = x W``) with GPTQ against the input Gram matrix ``gram`` (K x K).
 
     Returns the integer codes (N x K, values in [0, 2**bits)), the scales and the integer zero points
-    (N x K/block_size each); ``(codes - zero) * scale`` per block is the dequantized weight, transposed."""
+    (N x K/block_size each); ``(codes - zero) * scale`` per block is the dequantized weight, transposed.
+    ``symmetric``: every zero point is ``2**(bits-1)`` (TensorRT's Q/DQ format: ``codes - zero`` are the signed
+    integers it stores, with no zero-point tensor)."""
     k, n = weight.shape
     if gram.shape != (k, k):
         raise Slice2DeployError(f"GPTQ: Gram matrix {gram.shape} does not match the weight's K = {k}")
@@ -114,7 +124,7 @@ def gptq_quantize(weight: np.ndarray, gram: np.ndarray, block_size: int, bits: i
         for i in range(stop - start):
             column = start + i
             if column % block_size == 0:
-                scale, zero = _block_params(w1[:, i:i + block_size], bits)
+                scale, zero = _block_params(w1[:, i:i + block_size], bits, symmetric)
                 scales[:, column // block_size], zeros[:, column // block_size] = scale, zero
             q = np.clip(np.round(w1[:, i] / scale) + zero, 0, top)
             codes[:, column] = q
@@ -125,9 +135,10 @@ def gptq_quantize(weight: np.ndarray, gram: np.ndarray, block_size: int, bits: i
     return codes, scales.astype(np.float32), zeros.astype(np.uint8)
 
 
-def rtn_quantize(weight: np.ndarray, block_size: int, bits: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The same asymmetric block format by plain round-to-nearest (GPTQ with an identity Gram matrix)."""
-    return gptq_quantize(weight, np.eye(weight.shape[0]), block_size, bits, damp=0.0)
+def rtn_quantize(weight: np.ndarray, block_size: int, bits: int = 4, symmetric: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The same block format by plain round-to-nearest (GPTQ with an identity Gram matrix)."""
+    return gptq_quantize(weight, np.eye(weight.shape[0]), block_size, bits, damp=0.0, symmetric=symmetric)
 
 
 def dequantize(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block_size: int) -> np.ndarray:

@@ -25,7 +25,6 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.bundle import BUILD_SCRIPT, BUNDLE_MANIFEST, REMOVED_IN_TRT11, SHAPES_FILE
 from exporters.onnx import OnnxExportConfig, export_onnx
 from exporters.ort import OrtCausalLM
 from exporters.tensorrt import (
@@ -36,7 +35,6 @@ from exporters.tensorrt import (
     TensorRTUnavailable,
     TrtBuildConfig,
     TrtReadyQualityError,
-    _drop_cast_round_trips,
     build_engine,
     check_engine_compatibility,
     check_trt_major,
@@ -51,7 +49,9 @@ from exporters.tensorrt import (
     sidecar_static,
     version_tuple,
 )
-from exporters.tensorrt_cli import EXIT_NO_TENSORRT, add_build_engine_parser, run_build_engine
+from exporters.tensorrt.bundle import BUILD_SCRIPT, BUNDLE_MANIFEST, REMOVED_IN_TRT11, SHAPES_FILE
+from exporters.tensorrt.cli import EXIT_NO_TENSORRT, add_build_engine_parser, run_build_engine
+from exporters.tensorrt.fp16 import _drop_cast_round_trips
 from slice2deploy.utils import UserInputError
 
 from .conftest import tiny_model, tiny_tokenizer
@@ -108,6 +108,7 @@ def cli_run(dense_onnx, tiny_text_file, tmp_path_factory):
     stderr, stdout = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
         patch.setitem(sys.modules, "tensorrt", None)  # import tensorrt raises ImportError even where it is installed
+        patch.setitem(sys.modules, "tensorrt_rtx", None)  # and TensorRT-RTX too
         status = args.handler(args)
     return status, stderr.getvalue(), out
 
@@ -363,6 +364,7 @@ def test_version_helpers_and_network_flags():
 
 def test_build_engine_without_tensorrt_raises_the_install_hint(trt_ready, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)  # neither TensorRT nor TensorRT-RTX
     _, out = trt_ready("fp16")
     with pytest.raises(TensorRTUnavailable, match="pip install tensorrt"):
         build_engine(out, tmp_path / ENGINE_FILE)

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from slice2deploy.utils import atomic_directory, check_output_dir, sha256_file
 
-from .ort import MODEL_FILE, runtime_versions
-from .tensorrt import (
+from ..ort import MODEL_FILE, runtime_versions
+from .config import (
     ENGINE_FILE,
     SIDECAR_SUFFIX,
     TIMING_CACHE_FILE,
@@ -38,10 +38,9 @@ from .tensorrt import (
     context_length_of,
     graph_inputs,
     input_shapes,
-    make_trt_ready,
-    onnx_digest,
-    sidecar_static,
 )
+from .ready import make_trt_ready
+from .sidecar import onnx_digest, sidecar_static
 
 ONNX_DIR = "onnx"
 BUILD_SCRIPT = "build.sh"
