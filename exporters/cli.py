@@ -25,7 +25,7 @@ def add_commands(subparsers, selected: str | None = None) -> None:
     _export_parser(subparsers)
     _quantize_parser(subparsers)
     if selected == BUILD_ENGINE:
-        from exporters import tensorrt_cli
+        from exporters.tensorrt import cli as tensorrt_cli
 
         tensorrt_cli.add_build_engine_parser(subparsers)
     else:  # listed by name and help; never run (selected would be build-engine)

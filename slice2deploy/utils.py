@@ -31,6 +31,8 @@ OPTIONAL_EXTRAS: dict[str, str] = {
     "datasets": "eval", "lm_eval": "eval",
     "pynvml": "gpu",
     "peft": "recover",
+    "tensorrt_rtx": "tensorrt-rtx",
+    "onnxruntime_genai": "genai",
     "psutil": "dev", "pytest": "dev",
 }
 

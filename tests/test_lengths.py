@@ -67,6 +67,8 @@ def test_every_entry_point_refuses_a_window_past_the_context(short_opt, short_op
               "--calib-seqlen", "64"], capsys, tmp_path / "q")
     _refused(["quantize", str(short_opt_onnx), "-o", str(tmp_path / "g"), "--mode", "int4", "--method", "gptq",
               *text, "--calib-seqlen", "16", "--gptq-seqlen", "64"], capsys, tmp_path / "g")
+    _refused(["build-engine", str(short_opt_onnx), "-o", str(tmp_path / "e"), "--precision", "int8", "--bundle-only",
+              *text, "--calib-seqlen", "64"], capsys, tmp_path / "e")
 
 
 def test_gptq_default_window_fits_a_short_context(short_opt_onnx, tiny_text_file, tmp_path):

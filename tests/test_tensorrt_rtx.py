@@ -19,7 +19,8 @@ from exporters.onnx import OnnxExportConfig, export_onnx
 from exporters.tensorrt import ENGINE_FILE, TrtBuildConfig, make_trt_ready
 from exporters.tensorrt.rtx import NETWORK_REPORT_FILE, GraphRefused, refusal, tensorrt_rtx_available
 from exporters.tensorrt.sidecar import sidecar_path
-from slice2deploy.slicing import SliceConfig, slice_model
+from slice2deploy.api import slice_model
+from slice2deploy.slicing import SliceConfig
 from slice2deploy.utils import UserInputError
 
 from .conftest import tiny_model, tiny_tokenizer

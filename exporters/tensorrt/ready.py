@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slice2deploy.runners import check_length
 from slice2deploy.utils import UserInputError, atomic_directory, atomic_write_text, sha256_file
 
 from ..graph_io import calibration_samples, copy_side_files, count_roles, is_large, save_model
@@ -158,6 +159,9 @@ def make_trt_ready(source_dir: str | Path, out_dir: str | Path, config: TrtBuild
     if reference.dtype != "float32":
         raise UserInputError(f"{source} is a {reference.dtype} export; TensorRT-ready graphs are made from a float32 "
                              "export (slice2deploy export onnx MODEL --dtype float32)")
+    check_length(config.calib_seqlen, reference.context_length, "a calibration window", "--calib-seqlen")
+    if str(getattr(config.int4_method, "value", config.int4_method)) == "gptq":
+        check_length(config.gptq_seqlen, reference.context_length, "a GPTQ calibration window", "--gptq-seqlen")
     samples = _text_samples(reference, config)
     started = time.perf_counter()
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
