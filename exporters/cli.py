@@ -42,7 +42,8 @@ def _export_parser(sub) -> None:
                                           "past axes). The export is kept only if ONNX Runtime matches PyTorch.")
     onnx.add_argument("model", help=MODEL_HELP + ", or a sliced checkpoint")
     onnx.add_argument("-o", "--output", required=True, help="output directory (must be empty or absent)")
-    onnx.add_argument("--dtype", default=EXPORT.dtype.value, choices=["float32", "float16"])
+    onnx.add_argument("--dtype", default=EXPORT.dtype.value, choices=["float32", "float16"],
+                      help=f"weights and activations of the graph (default {EXPORT.dtype.value})")
     onnx.add_argument("--opset", type=int, default=EXPORT.opset,
                       help="ONNX opset, >= 17 (default 18; 23 with --attention fused)")
     onnx.add_argument("--exporter", default=EXPORT.exporter.value, choices=["torchscript", "dynamo"],
@@ -69,8 +70,10 @@ def _quantize_parser(sub) -> None:
                                         "if its logits stay above a signal-to-noise floor on calibration text; "
                                         "layers left in float are counted in the manifest.")
     parser.add_argument("onnx_dir", help="a directory written by `slice2deploy export onnx`")
-    parser.add_argument("-o", "--output", required=True)
-    parser.add_argument("--mode", required=True, choices=["int8-dynamic", "int8-static", "int4"])
+    parser.add_argument("-o", "--output", required=True, help="output directory (must be empty or absent)")
+    parser.add_argument("--mode", required=True, choices=["int8-dynamic", "int8-static", "int4"],
+                        help="int8-dynamic (activations quantized at run time), int8-static (calibrated Q/DQ) or "
+                             "int4 (weight-only MatMulNBits blocks)")
     parser.add_argument("--block-size", type=int, default=QUANT.block_size,
                         help="block size along K of INT4 and of the 8-bit blocks (--weight-int8, shortcuts): "
                              f"{', '.join(map(str, MATMUL_NBITS_BLOCK_SIZES))}, the sizes ONNX Runtime's block "
@@ -106,8 +109,10 @@ def _quantize_parser(sub) -> None:
                         help="store the token-embedding table as float16 (cast to float32 at load: half the bytes "
                              "on disk, the same arithmetic)")
     parser.add_argument("--calib", default=QUANT.calib, help=DATA_HELP + " (int8-static ranges and the quality gate)")
-    parser.add_argument("--calib-samples", type=int, default=QUANT.calib_samples)
-    parser.add_argument("--calib-seqlen", type=int, default=QUANT.calib_seqlen)
+    parser.add_argument("--calib-samples", type=int, default=QUANT.calib_samples,
+                        help=f"calibration sequences (default {QUANT.calib_samples})")
+    parser.add_argument("--calib-seqlen", type=int, default=QUANT.calib_seqlen,
+                        help=f"tokens per calibration sequence (default {QUANT.calib_seqlen})")
     parser.add_argument("--snr-floor", type=float, default=QUANT.snr_floor_db,
                         help="reject below this logits SNR in dB (default: "
                              + ", ".join(f"{floor:g} {mode.value}" for mode, floor in SNR_FLOOR_DB.items()) + ")")

@@ -48,7 +48,9 @@ def _add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime")
     device = default_of(load, "device")
     group.add_argument("--device", default=device, help=f"cpu or cuda[:N] (default: {device})")
-    group.add_argument("--dtype", default=default_of(load, "dtype"), choices=list(DTYPES))
+    dtype = default_of(load, "dtype")
+    group.add_argument("--dtype", default=dtype, choices=list(DTYPES),
+                       help=f"dtype the model is loaded and run in (default: {dtype})")
     group.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
 
 
@@ -111,7 +113,8 @@ def _eval_parser(sub) -> None:
     parser.add_argument("--data", default=EVAL.data, help=DATA_HELP + " (evaluation split)")
     parser.add_argument("--seqlen", type=int, default=EVAL.seqlen,
                         help=f"window length in tokens (default {EVAL.seqlen})")
-    parser.add_argument("--batch-size", type=int, default=EVAL.batch_size)
+    parser.add_argument("--batch-size", type=int, default=EVAL.batch_size,
+                        help=f"windows per forward (default {EVAL.batch_size})")
     parser.add_argument("--max-tokens", type=int, default=EVAL.max_tokens, help="evaluate only the first N tokens")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     _add_runtime_args(parser)
@@ -121,8 +124,11 @@ def _eval_parser(sub) -> None:
 def _generate_parser(sub) -> None:
     parser = sub.add_parser("generate", help="greedy text generation (KV cache)")
     parser.add_argument("model", help=MODEL_HELP + ", a sliced checkpoint or an ONNX export directory")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=default_of(generate_text, "max_new_tokens"))
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    new_tokens = default_of(generate_text, "max_new_tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=new_tokens,
+                        help=f"tokens to generate after the prompt (default {new_tokens}); prompt + these must fit the "
+                             "model's context")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     _add_runtime_args(parser)
     parser.set_defaults(handler=_run_generate)

@@ -663,8 +663,8 @@ def add_recover_command(subparsers: argparse._SubParsersAction) -> None:
     what.add_argument("--ce-weight", type=float, default=None, help="weight of next-token loss (default by method)")
     what.add_argument("--hidden-weight", type=float, default=0.0,
                       help="weight of the layer-output loss through learned per-layer maps (default 0: off)")
-    what.add_argument("--lora-rank", type=int, default=32)
-    what.add_argument("--lora-alpha", type=float, default=64.0)
+    what.add_argument("--lora-rank", type=int, default=32, help="LoRA rank r (default 32, as the SliceGPT paper)")
+    what.add_argument("--lora-alpha", type=float, default=64.0, help="LoRA scaling alpha (default 64)")
     data = parser.add_argument_group("data and budget")
     data.add_argument("--data", default="builtin", help="builtin (its calibration articles only), a local "
                       ".txt/.jsonl file, or a datasets name (wikitext2, c4, ptb, alpaca)")
@@ -672,7 +672,7 @@ def add_recover_command(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--seqlen", type=int, default=256, help="tokens per packed sequence (default 256)")
     data.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch (default 4)")
     data.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--seed", type=int, default=0, help="seed of the window order and LoRA init (default 0)")
     optim = parser.add_argument_group("optimizer and runtime")
     optim.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-5 kd, 2e-4 LoRA)")
     optim.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps (default 0.1)")
