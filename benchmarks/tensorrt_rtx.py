@@ -31,6 +31,9 @@ PRECISIONS = {
     "int8-wo": {"precision": "int8-wo", "shortcuts": "weight-int8", "head_bits": 8},
     "int4-wo": {"precision": "int4", "int4_method": "gptq", "weight_int8": ["down_proj"], "shortcuts": "weight-int8",
                 "head_bits": 8},
+    # the same with a 4-bit (GPTQ) head: the smallest engine, for the size target
+    "int4-wo-head4": {"precision": "int4", "int4_method": "gptq", "weight_int8": ["down_proj"],
+                      "shortcuts": "weight-int8", "head_bits": 4},
 }
 
 
@@ -111,7 +114,7 @@ def main() -> None:
         source = Path(source)
         tokens = token_stream(OrtCausalLM(source).tokenizer(), load_text("builtin", "evaluation"))
         float_ppl = perplexity(source, tokens, args.max_eval_tokens)
-        for precision in args.precision or list(PRECISIONS):
+        for precision in args.precision or ["fp16", "int8-wo", "int4-wo"]:
             record = run_one(model, source, precision, args, tokens, float_ppl)
             with jsonl.open("a") as handle:
                 handle.write(json.dumps(record, sort_keys=True) + "\n")
