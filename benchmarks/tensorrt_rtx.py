@@ -21,7 +21,8 @@ import shutil
 import time
 from pathlib import Path
 
-from benchmarks.slicing_quality import RESULTS, machine
+from benchmarks.suite.measure import machine_record
+from benchmarks.suite.results import RESULTS
 
 NAME = "tensorrt_rtx_cpu_smollm2"
 # The weight-only recipes: the ONNX Runtime INT4 path's quality tools (GPTQ 4-bit, 8-bit down_proj and residual
@@ -65,7 +66,7 @@ def run_one(model: str, source: Path, precision: str, args: argparse.Namespace, 
         "quantized_matmuls": manifest["quantized_matmuls"], "weight_bits": manifest.get("weight_bits", {}),
         "unquantized": manifest["unquantized_count"], "perplexity": ppl, "float_perplexity": float_ppl,
         "ppl_vs_float": ppl / float_ppl - 1, "eval_tokens": args.max_eval_tokens,
-        "tensorrt_rtx": sidecar["tensorrt"]["version"], "machine": machine(),
+        "tensorrt_rtx": sidecar["tensorrt"]["version"], "machine": machine_record(),
     }
 
 
