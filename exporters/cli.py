@@ -121,7 +121,7 @@ def _quantize_parser(sub) -> None:
                         help="below the floor, with no --keep-float/--weight-int8 given, keep the MatMul kind with "
                              "the most outlier-heavy inputs (measured on --calib text) float (INT8) or 8-bit (INT4) "
                              "and try once more; recorded in the manifest (default on)")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.set_defaults(handler=_run_quantize)
 
 
