@@ -92,6 +92,24 @@ def measure_round(name: str, directory: Path, tokens: np.ndarray, args) -> dict:
     return result
 
 
+def graph_summary(directory: Path) -> dict:
+    """Op counts of the graph and the MatMulNBits settings (bits, block size, accuracy level -> count): what each
+    runtime actually executes."""
+    from collections import Counter
+
+    import onnx
+
+    graph = onnx.load(str(directory / "model.onnx"), load_external_data=False).graph
+    ops = Counter(node.op_type for node in graph.node)
+    nbits = Counter()
+    for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            nbits[f"bits={attrs.get('bits')} block={attrs.get('block_size')} "
+                  f"accuracy_level={attrs.get('accuracy_level', 0)}"] += 1
+    return {"ops": dict(ops.most_common()), "nodes": len(graph.node), "matmulnbits": dict(nbits)}
+
+
 def _stats(values: list[float]) -> dict:
     return {"median": round(statistics.median(values), 2), "min": round(min(values), 2), "max": round(max(values), 2)}
 
@@ -159,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                   "precision": name.split("/")[2], "backend": runs[0]["backend"], "artifact": str(directory),
                   "size_mb": round(runs[0]["size_bytes"] / 1e6, 1),
                   "perplexity": perplexity(directory, tokens, args.max_eval_tokens),
+                  "graph": graph_summary(directory),
                   **{key: _stats([r[key] for r in runs]) for key in runs[0] if key.startswith(("prefill", "decode",
                                                                                                "native"))},
                   **meta}

@@ -189,7 +189,9 @@ def run_builder(source: Source, out: Path, config: GenAIExportConfig) -> dict:
                               + " | ".join(tail))
     if not (out / GENAI_CONFIG).is_file():
         raise GenAIBuildError(f"the model builder wrote no {GENAI_CONFIG}")
-    return {"command": command[1:], "seconds": round(time.perf_counter() - started, 2)}
+    placeholders = {str(out): "OUT", cache: "CACHE"}  # temporary paths, meaningless after the rename
+    return {"command": [placeholders.get(arg, arg) for arg in command[1:]],
+            "seconds": round(time.perf_counter() - started, 2)}
 
 
 def _copy_source_configs(source: Source, out: Path) -> None:
