@@ -31,8 +31,8 @@ from benchmarks.suite.results import write_results
 VARIANTS = {
     "dense/genai/fp32": "dense-genai-fp32", "dense/onnxruntime/fp32": "dense-onnx",
     "dense/genai/int4": "dense-genai-int4", "dense/onnxruntime/int4": "dense-int4",
-    "uniform-0.25/genai/fp32": "u25r-genai-fp32", "uniform-0.25/onnxruntime/fp32": "u25r-onnx",
-    "uniform-0.25/genai/int4": "u25r-genai-int4", "uniform-0.25/onnxruntime/int4": "u25r-int4",
+    "uniform-0.25/genai/fp32": "u25-genai-fp32", "uniform-0.25/onnxruntime/fp32": "u25-onnx",
+    "uniform-0.25/genai/int4": "u25-genai-int4", "uniform-0.25/onnxruntime/int4": "u25-int4",
 }
 
 
@@ -81,6 +81,7 @@ def measure_round(name: str, directory: Path, tokens: np.ndarray, args) -> dict:
 
     runner = open_runner(directory)
     prompt = tokens[None, : args.prefill_tokens]
+    runner.forward(prompt[:, :16], None)  # untimed: session arenas and thread pools come up on the first run
     result = {"prefill_ms": prefill_ms(runner, prompt),
               "decode_tok_s": decode_tok_s(runner, prompt, args.decode_tokens), "backend": runner.backend,
               "size_bytes": runner.size_bytes}
@@ -142,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=63)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup-rounds", type=int, default=1, help="whole untimed rounds first (page cache)")
     parser.add_argument("--max-eval-tokens", type=int, default=4096)
     parser.add_argument("--name", default="genai_cpu_smollm2")
+    parser.add_argument("--note", default="", help="appended to the report's header (how the artifacts were made)")
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
 
@@ -158,12 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     tokens = token_stream(tokenizer, load_text("builtin", "evaluation"))
     prompt_tokens = tokens.numpy().astype(np.int64)
     rounds: dict[str, list[dict]] = {name: [] for name in variants}
-    for index in range(args.rounds + 1):  # round 0 is the warm-up (first loads, page cache), not recorded
+    for index in range(1 - args.warmup_rounds, args.rounds + 1):  # rounds <= 0 are warm-up, not recorded
         for name, directory in variants.items():
             result = measure_round(name, directory, prompt_tokens, args)
             print(f"round {index} {name}: prefill {result['prefill_ms']:.0f} ms, decode {result['decode_tok_s']:.1f} "
                   f"tok/s", file=sys.stderr, flush=True)
-            if index:
+            if index > 0:
                 rounds[name].append(result)
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_record(),
             "versions": {**versions(), **_ort_version()},
@@ -185,10 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"# ONNX Runtime GenAI vs our ONNX Runtime exports, SmolLM2-135M (CPU)\n\nMeasured {meta['date']} on "
               f"{meta['machine']['cpu']} ({meta['machine']['cores']} cores, shared with other jobs), onnxruntime "
               f"{meta['versions'].get('onnxruntime')}, onnxruntime-genai {meta['versions']['onnxruntime-genai']}. "
-              f"One process, variants alternated, {args.rounds} rounds after a warm-up round, median (min-max). "
+              f"One process, variants alternated, {args.rounds} rounds after {args.warmup_rounds} warm-up round(s), "
+              f"each variant opened afresh per round with a 16-token untimed forward first; median (min-max). "
               f"Prefill = {args.prefill_tokens}-token prompt at batch 1 through the runner; decode = "
               f"{args.decode_tokens} greedy steps after it. Perplexity on the first {args.max_eval_tokens} built-in "
-              f"evaluation tokens (512-token windows).  \nCommand: `{meta['command']}`")
+              f"evaluation tokens (512-token windows). {args.note}  \nCommand: `{meta['command']}`")
     write_results(args.name, records, markdown(records, header))
     return 0
 
