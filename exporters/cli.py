@@ -12,12 +12,16 @@ import argparse
 
 from slice2deploy.commands import DATA_HELP, MODEL_HELP
 
+from .genai import BLOCK_SIZES as GENAI_BLOCK_SIZES
+from .genai import SNR_FLOOR_DB as GENAI_SNR_FLOOR_DB
+from .genai import GenAIExportConfig, GenAIPrecision, Provider, export_genai
 from .onnx import OnnxExportConfig, export_pretrained
 from .quantize import AUTO_BLOCK_SIZES, MATMUL_NBITS_BLOCK_SIZES, SNR_FLOOR_DB, QuantConfig, quantize_onnx
 
 BUILD_ENGINE = "build-engine"
 BUILD_ENGINE_HELP = "TensorRT engine (or deploy bundle) from an ONNX export"
-EXPORT, QUANT = OnnxExportConfig, QuantConfig  # their declared defaults (an instance resolves some, e.g. opset)
+# their declared defaults (an instance resolves some, e.g. opset)
+EXPORT, QUANT, GENAI = OnnxExportConfig, QuantConfig, GenAIExportConfig
 
 
 def add_commands(subparsers, selected: str | None = None) -> None:
@@ -33,7 +37,7 @@ def add_commands(subparsers, selected: str | None = None) -> None:
 
 
 def _export_parser(sub) -> None:
-    parser = sub.add_parser("export", help="export a model for deployment (onnx)",
+    parser = sub.add_parser("export", help="export a model for deployment (onnx, genai)",
                             description="Export any model slice2deploy loads (dense, sliced, GGUF) for a runtime.")
     formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
     onnx = formats.add_parser("onnx", help="ONNX graph with the KV cache, checked against PyTorch in ONNX Runtime",
@@ -62,6 +66,33 @@ def _export_parser(sub) -> None:
     onnx.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     onnx.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
     onnx.set_defaults(handler=_run_export_onnx)
+    _genai_parser(formats)
+
+
+def _genai_parser(formats) -> None:
+    genai = formats.add_parser("genai", help="ONNX Runtime GenAI model (onnxruntime-genai's builder), checked against "
+                                             "PyTorch", description="Build an ONNX Runtime GenAI model directory "
+                               "(graph + genai_config.json) with onnxruntime-genai's model builder, for dense models "
+                               "and uniform slices (per-layer slices are refused). Kept only if its logits stay above "
+                               "a signal-to-noise floor against PyTorch on calibration windows. Needs the genai extra.")
+    genai.add_argument("model", help=MODEL_HELP + ", or a uniform slice (slice --mode uniform)")
+    genai.add_argument("-o", "--output", required=True, help="output directory (must be empty or absent)")
+    genai.add_argument("--precision", default=GENAI.precision.value, choices=[p.value for p in GenAIPrecision],
+                       help=f"weights (default {GENAI.precision.value}; fp16 is for --execution-provider cuda)")
+    genai.add_argument("--block-size", type=int, default=None,
+                       help=f"int4 block size along K: {', '.join(map(str, GENAI_BLOCK_SIZES))} (default: the "
+                            "builder's, 32)")
+    genai.add_argument("--accuracy-level", type=int, default=None, choices=[0, 1, 2, 3, 4],
+                       help="int4 MatMulNBits compute type (default: the builder's, 4 = int8 on CPU)")
+    genai.add_argument("--execution-provider", default=GENAI.provider.value, choices=[p.value for p in Provider])
+    genai.add_argument("--calib", default=GENAI.calib, help=DATA_HELP + " (the quality gate's windows)")
+    genai.add_argument("--gate-samples", type=int, default=GENAI.gate_samples)
+    genai.add_argument("--gate-seqlen", type=int, default=GENAI.gate_seqlen)
+    genai.add_argument("--snr-floor", type=float, default=None,
+                       help="reject below this logits SNR in dB (default: "
+                            + ", ".join(f"{floor:g} {p.value}" for p, floor in GENAI_SNR_FLOOR_DB.items()) + ")")
+    genai.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    genai.set_defaults(handler=_run_export_genai)
 
 
 def _quantize_parser(sub) -> None:
@@ -139,6 +170,20 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
           f"{manifest['external_data']}) in {manifest['seconds']['export']:.1f} s")
     print(f"parity vs PyTorch: max |Δ| {parity['max_abs_diff']:.3g} over {', '.join(parity['cases'])} "
           f"(atol {parity['tolerance']['atol']:g}, rtol {parity['tolerance']['rtol']:g})")
+    return 0
+
+
+def _run_export_genai(args: argparse.Namespace) -> int:
+    config = GenAIExportConfig(precision=args.precision, provider=args.execution_provider, block_size=args.block_size,
+                               accuracy_level=args.accuracy_level, calib=args.calib, gate_samples=args.gate_samples,
+                               gate_seqlen=args.gate_seqlen, snr_floor_db=args.snr_floor)
+    manifest = export_genai(args.model, args.output, config, overwrite=args.overwrite)
+    gate = manifest["quality_gate"]
+    print(f"saved {manifest['output']} (GenAI {config.precision.value}, {config.provider.value}; "
+          f"{manifest['size_bytes'] / 2**20:.1f} MiB) in {manifest['seconds']['build']:.1f} s")
+    print(f"quality gate vs PyTorch: logits SNR {gate['logits_snr_db']:.1f} dB (floor {gate['snr_floor_db']:g}), "
+          f"perplexity {gate['perplexity']['genai']:.3f} vs {gate['perplexity']['pytorch']:.3f} on "
+          f"{gate['windows']} x {gate['seqlen']} tokens of {config.calib}")
     return 0
 
 

@@ -8,13 +8,15 @@ from pathlib import Path
 
 from slice2deploy.runners import Backend, Runner, register_backend
 
+from .genai_runtime import is_genai_dir
+
 ONNX_FILES = ("model.onnx", "slice2deploy_onnx_manifest.json")
 
 
 def is_onnx_dir(path: Path) -> bool:
     """An ONNX export directory (``slice2deploy export onnx``): it holds model.onnx, or at least the export manifest
-    (then the ONNX runner explains what is missing)."""
-    return path.is_dir() and any((path / name).is_file() for name in ONNX_FILES)
+    (then the ONNX runner explains what is missing), and is not a GenAI directory (which also holds a model.onnx)."""
+    return path.is_dir() and any((path / name).is_file() for name in ONNX_FILES) and not is_genai_dir(path)
 
 
 def _dir_bytes(path: Path, suffixes: tuple[str, ...]) -> int:
@@ -72,7 +74,36 @@ def open_tensorrt(spec, dtype: str = "float16", device: str = "cuda", trust_remo
                   None, perplexity, generate, None, dtype, {}, size, size)
 
 
+def open_genai(spec, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False) -> Runner:
+    """An ONNX Runtime GenAI directory (``slice2deploy export genai``); ``dtype`` is the build's own, ``device`` is
+    the provider recorded in its genai_config."""
+    from .genai_runtime import GenAICausalLM, versions, weight_bytes
+
+    model = GenAICausalLM(spec)
+    tokenizer = model.tokenizer()
+
+    def generate(text: str, max_new_tokens: int) -> str:
+        ids = tokenizer(text, return_tensors="np")["input_ids"]
+        output = model.generate(ids, max_new_tokens)
+        return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
+
+    size = weight_bytes(Path(spec))
+    return Runner("onnxruntime-genai", model.forward, tokenizer, model.context_length, model.perplexity, generate,
+                  None, model.precision, versions(), size, size)
+
+
+def describe_genai(path: Path, config: dict) -> dict:
+    from .genai_runtime import GENAI_CONFIG, GENAI_MANIFEST, weight_bytes
+
+    manifest = path / GENAI_MANIFEST
+    return {"directory": str(path.resolve()), "model_type": f"onnxruntime-genai ({config.get('model_type')})",
+            "parameters": None, "size_bytes": weight_bytes(path),
+            "genai_config": json.loads((path / GENAI_CONFIG).read_text()),
+            "manifests": {manifest.name: json.loads(manifest.read_text())} if manifest.is_file() else {}}
+
+
 def register() -> None:
     """Entry point of ``slice2deploy.backends``."""
     register_backend(Backend("onnxruntime", open_onnxruntime, claims=is_onnx_dir, describe=describe_onnx))
     register_backend(Backend("tensorrt", open_tensorrt))
+    register_backend(Backend("onnxruntime-genai", open_genai, claims=is_genai_dir, describe=describe_genai))

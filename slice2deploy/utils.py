@@ -27,12 +27,12 @@ class IntegrityError(Slice2DeployError):
 # Optional modules and the extra of pyproject.toml that installs each (top-level import name -> extra).
 OPTIONAL_EXTRAS: dict[str, str] = {
     "onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx", "onnx_ir": "onnx",
+    "onnxruntime_genai": "genai",
     "matplotlib": "plot",
     "datasets": "eval", "lm_eval": "eval",
     "pynvml": "gpu",
     "peft": "recover",
     "tensorrt_rtx": "tensorrt-rtx",
-    "onnxruntime_genai": "genai",
     "psutil": "dev", "pytest": "dev",
 }
 
