@@ -353,3 +353,18 @@ def test_pipeline_recover_key_recovers_the_sliced_model(tiny_llama_dir, tiny_tex
     model = tmp_path / "out" / "slice-sliced-0.25" / "model"
     assert json.loads((model / "config.json").read_text())["slice2deploy"]["recovery"]["tokens"] == 512
     assert not (tmp_path / "out" / "slice-sliced-0.25" / "sliced").exists()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_output_loss_trains_through_learned_maps(slices, tiny_llama_dir, tiny_text_file, tmp_path, mode):
+    """``hidden_weight``: every layer's output matched through a least-squares-initialised map (widths differ)."""
+    out = recover(slices[mode], _config(data=str(tiny_text_file), hidden_weight=1.0), tmp_path / "out",
+                  progress=False)
+    manifest = json.loads((out / "slice2deploy_manifest.json").read_text())["recovery"]
+    assert manifest["loss"]["mean_last_10pct"] < manifest["loss"]["first"]
+    teacher, windows = _load(tiny_llama_dir), _heldout_windows()
+    assert heldout_kl(_load(out), teacher, windows) < heldout_kl(_load(slices[mode]), teacher, windows)
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as handle:  # the maps were training aids: not saved
+        assert not any("hidden_maps" in key or "lora" in key for key in handle.keys())
