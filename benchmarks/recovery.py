@@ -100,15 +100,28 @@ def _recover_one(args, name: str, directory: str, method: str, budget: int, out:
             "recovered_dir": str(out)}
 
 
+def _dense_perplexity(results: Path, args, teacher, evaluation):
+    """The teacher's perplexity: reused from an earlier record of the same teacher, tokens and device unless
+    ``--fresh-dense`` (it is deterministic, and on shared CPU cores each evaluation costs minutes)."""
+    from types import SimpleNamespace
+
+    from slice2deploy.evaluate import perplexity
+
+    earlier = [r for r in _read(results) if (r["teacher"], r["device"]) == (args.teacher, args.device)
+               and r["eval_tokens"] == min(args.eval_tokens, evaluation.numel())]
+    if earlier and not args.fresh_dense:
+        return SimpleNamespace(perplexity=earlier[-1]["dense_perplexity"], tokens=earlier[-1]["eval_tokens"])
+    return perplexity(teacher, evaluation, seqlen=512, batch_size=4, max_tokens=args.eval_tokens, progress=False)
+
+
 def run(args: argparse.Namespace) -> None:
     from slice2deploy.api import load
     from slice2deploy.data import load_text, token_stream
-    from slice2deploy.evaluate import perplexity
 
     results = RESULTS / f"recovery_{args.device.split(':')[0]}_smollm2.jsonl"
     teacher, tokenizer, _ = load(args.teacher, "float32", args.device)
     evaluation = token_stream(tokenizer, load_text("builtin", "evaluation"))
-    dense = perplexity(teacher, evaluation, seqlen=512, batch_size=4, max_tokens=args.eval_tokens, progress=False)
+    dense = _dense_perplexity(results, args, teacher, evaluation)
     del teacher
     meta = {"teacher": args.teacher, "dense_perplexity": dense.perplexity, "eval_tokens": dense.tokens,
             "device": args.device, "dtype": args.dtype, "seqlen": args.seqlen, "batch_size": args.batch_size,
@@ -184,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--work", default="out/recovery", help="where recovered checkpoints are written")
     parser.add_argument("--progress", action="store_true", help="show the training progress bar")
+    parser.add_argument("--fresh-dense", action="store_true", help="re-evaluate the dense model even if recorded")
     parser.add_argument("--report", action="store_true", help="only re-draw the Markdown table")
     args = parser.parse_args(argv)
     results = RESULTS / f"recovery_{args.device.split(':')[0]}_smollm2.jsonl"

@@ -331,3 +331,40 @@ def test_bfloat16_autocast_path_runs_and_saves_float32(slices, tiny_text_file, t
     manifest = json.loads((out / "slice2deploy_manifest.json").read_text())["recovery"]
     assert manifest["compute_dtype"] == "bfloat16" and manifest["teacher"]["dtype"] == "bfloat16"
     assert all(p.dtype == torch.float32 for p in _load(out).parameters())
+
+
+def test_pipeline_recover_key_recovers_the_sliced_model(tiny_llama_dir, tiny_text_file, tmp_path):
+    """``recover:`` in a recipe: the slice step keeps the recovered model, and the export step uses it."""
+    import yaml
+
+    from benchmarks.pipeline import run_pipeline
+
+    recipe = {"name": "tiny", "model": str(tiny_llama_dir), "profile": "cpu-quick", "sparsities": [0.25],
+              "slice": {"mode": "uniform", "round_to": 16,
+                        "calibration": {"source": str(tiny_text_file), "samples": 4, "seqlen": 32}},
+              "eval": {"data": str(tiny_text_file), "seqlen": 32, "max_tokens": 256},
+              "recover": {"method": "kd", "data": str(tiny_text_file), "tokens": 512, "seqlen": 32, "lr": 1e-3},
+              "bench": {"backends": {"onnxruntime": ["fp32"]}}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    statuses = {s.key: s.status for s in run_pipeline(path, tmp_path / "out", progress=False, log=False,
+                                                       build_only=True)}
+    assert statuses["slice-sliced-0.25"] == "ran" and statuses["export-sliced-0.25-float32"] == "ran"
+    model = tmp_path / "out" / "slice-sliced-0.25" / "model"
+    assert json.loads((model / "config.json").read_text())["slice2deploy"]["recovery"]["tokens"] == 512
+    assert not (tmp_path / "out" / "slice-sliced-0.25" / "sliced").exists()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_output_loss_trains_through_learned_maps(slices, tiny_llama_dir, tiny_text_file, tmp_path, mode):
+    """``hidden_weight``: every layer's output matched through a least-squares-initialised map (widths differ)."""
+    out = recover(slices[mode], _config(data=str(tiny_text_file), hidden_weight=1.0), tmp_path / "out",
+                  progress=False)
+    manifest = json.loads((out / "slice2deploy_manifest.json").read_text())["recovery"]
+    assert manifest["loss"]["mean_last_10pct"] < manifest["loss"]["first"]
+    teacher, windows = _load(tiny_llama_dir), _heldout_windows()
+    assert heldout_kl(_load(out), teacher, windows) < heldout_kl(_load(slices[mode]), teacher, windows)
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as handle:  # the maps were training aids: not saved
+        assert not any("hidden_maps" in key or "lora" in key for key in handle.keys())
