@@ -38,7 +38,7 @@ def default_of(function, name: str):
 
 def add_commands(subparsers) -> None:
     """Register ``slice``, ``eval``, ``generate``, ``info`` and ``recover``."""
-    from .recover import add_recover_command
+    from .recover_cli import add_recover_command
 
     for add in (_slice_parser, _eval_parser, _generate_parser, _info_parser, add_recover_command):
         add(subparsers)
