@@ -17,10 +17,13 @@ Source: transformers ``models/gemma3/modeling_gemma3.py``. What differs from Lla
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
-from .base import Adapter, Stage, StageKind, register_adapter
+from .base import Adapter, register_adapter
+from .llama import LlamaAdapter
 
 
 @register_adapter
@@ -29,25 +32,9 @@ class Gemma3TextAdapter(Adapter):
     embeddings = ("model.embed_tokens",)
     layers = "model.layers"
     final_norm = "model.norm"
-    stages = (
-        Stage(
-            name="attn",
-            kind=StageKind.ATTENTION,
-            norm="input_layernorm",
-            readers=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-            writers=("self_attn.o_proj",),
-            call=("self_attn",),
-            post_norm="post_attention_layernorm",
-        ),
-        Stage(
-            name="mlp",
-            kind=StageKind.MLP,
-            norm="pre_feedforward_layernorm",
-            readers=("mlp.gate_proj", "mlp.up_proj"),
-            writers=("mlp.down_proj",),
-            call=("mlp",),
-            post_norm="post_feedforward_layernorm",
-        ),
+    stages = (  # Llama's stages with a post-norm on each branch output (and Gemma's name for the MLP's pre-norm)
+        replace(LlamaAdapter.stages[0], post_norm="post_attention_layernorm"),
+        replace(LlamaAdapter.stages[1], norm="pre_feedforward_layernorm", post_norm="post_feedforward_layernorm"),
     )
     tiny_config = {
         "vocab_size": 96,

@@ -8,7 +8,10 @@ no machinery: only the names differ from Llama. Partial rotary (Phi-4-mini) acts
 
 from __future__ import annotations
 
-from .base import Adapter, Stage, StageKind, register_adapter
+from dataclasses import replace
+
+from .base import Adapter, register_adapter
+from .llama import LlamaAdapter
 
 
 @register_adapter
@@ -17,23 +20,9 @@ class Phi3Adapter(Adapter):
     embeddings = ("model.embed_tokens",)
     layers = "model.layers"
     final_norm = "model.norm"
-    stages = (
-        Stage(
-            name="attn",
-            kind=StageKind.ATTENTION,
-            norm="input_layernorm",
-            readers=("self_attn.qkv_proj",),
-            writers=("self_attn.o_proj",),
-            call=("self_attn",),
-        ),
-        Stage(
-            name="mlp",
-            kind=StageKind.MLP,
-            norm="post_attention_layernorm",
-            readers=("mlp.gate_up_proj",),
-            writers=("mlp.down_proj",),
-            call=("mlp",),
-        ),
+    stages = (  # Llama's stages with the fused readers
+        replace(LlamaAdapter.stages[0], readers=("self_attn.qkv_proj",)),
+        replace(LlamaAdapter.stages[1], readers=("mlp.gate_up_proj",)),
     )
     tiny_config = {
         "vocab_size": 96,
