@@ -288,12 +288,17 @@ def source_hash(spec: str) -> str:
     return _SOURCE_HASHES[spec]
 
 
-def recipe_lengths(recipe: Recipe) -> list[tuple[str, int]]:
-    """Every sequence length the recipe asks the model to take, each with the recipe key that sets it."""
+def recipe_lengths(recipe: Recipe, timing: bool = True) -> list[tuple[str, int]]:
+    """Every sequence length the recipe asks the model to take, each with the recipe key that sets it (the timing
+    steps' prompt lengths only when ``timing``)."""
     profile, calibration = recipe.profile, recipe.slice.get("calibration") or {}
-    lengths = [(f"profile {profile.name}: prompt_lengths", n) for n in profile.prompt_lengths]
-    lengths.append((f"profile {profile.name}: decode_prompt + decode_tokens", profile.decode_prompt
-                    + profile.decode_tokens))
+    lengths = []
+    if timing:
+        lengths += [(f"profile {profile.name}: prompt_lengths", n) for n in profile.prompt_lengths]
+        lengths.append((f"profile {profile.name}: decode_prompt + decode_tokens", profile.decode_prompt
+                        + profile.decode_tokens))
+    if recipe.recover and recipe.recover.get("seqlen"):
+        lengths.append(("recover.seqlen", recipe.recover["seqlen"]))
     if any(s > 0 for s in recipe.sparsities) and calibration.get("seqlen"):
         lengths.append(("slice.calibration.seqlen", calibration["seqlen"]))
     lengths.append(("eval.seqlen", recipe.eval["seqlen"]))
@@ -303,7 +308,7 @@ def recipe_lengths(recipe: Recipe) -> list[tuple[str, int]]:
     return lengths
 
 
-def check_lengths(recipe: Recipe) -> None:
+def check_lengths(recipe: Recipe, timing: bool = True) -> None:
     """Refuse the recipe up front if any length it sets exceeds the model's context (read from its config only).
 
     Raises:
@@ -313,7 +318,7 @@ def check_lengths(recipe: Recipe) -> None:
     from slice2deploy.sources import model_config
 
     context = context_length(model_config(recipe.model))
-    for key, tokens in recipe_lengths(recipe):
+    for key, tokens in recipe_lengths(recipe, timing):
         check_length(tokens, context, f"{key}: a sequence", f"it in the recipe ({recipe.path or 'recipe'})")
 
 
@@ -349,7 +354,7 @@ def run_pipeline(recipe_path: str | Path, out: str | Path, force: bool = False, 
     machine is busy and time them later on a quiet one; a later full run skips what was built.
     """
     recipe = load_recipe(recipe_path)
-    check_lengths(recipe)  # before any step: a window past the context would fail (or mislead) after the builds
+    check_lengths(recipe, timing=not build_only)  # before any step: past the context a window fails or misleads
     out_dir = Path(out).expanduser().resolve()
     if out_dir.exists() and not out_dir.is_dir():
         raise UserInputError(f"output path {out_dir} exists and is not a directory")
