@@ -164,12 +164,14 @@ def evaluate_pretrained(model_spec: str, data: str = EvalConfig.data, seqlen: in
     parameter count."""
     from .data import load_text, token_stream
 
-    if backend_for(model_spec) is None:  # a PyTorch model: refuse before loading the weights
+    pytorch = backend_for(model_spec) is None
+    if pytorch:  # refuse before loading the weights: the context comes from the config alone
         check_device(device)
         check_length(seqlen, context_length(model_config(model_spec, trust_remote_code)), "an evaluation window",
                      "--seqlen")
     runner = open_runner(model_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    check_length(seqlen, runner.context_length, "an evaluation window", "--seqlen")
+    if not pytorch:  # an exported artifact states its context in the directory the runner opened
+        check_length(seqlen, runner.context_length, "an evaluation window", "--seqlen")
     text = load_text(data, "evaluation")
     result = runner.perplexity(token_stream(runner.tokenizer, text), seqlen=seqlen, batch_size=batch_size,
                                max_tokens=max_tokens, progress=progress)

@@ -25,15 +25,8 @@ class Phi3Adapter(Adapter):
         replace(LlamaAdapter.stages[1], readers=("mlp.gate_up_proj",)),
     )
     tiny_config = {
-        "vocab_size": 96,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 128,
+        **LlamaAdapter.tiny_config,
         "original_max_position_embeddings": 128,
-        "rms_norm_eps": 1e-6,
         "pad_token_id": 0,  # the default (32000) is outside a tiny vocabulary
         "bos_token_id": 1,
         "eos_token_id": 2,

@@ -11,18 +11,8 @@ from __future__ import annotations
 from .base import register_adapter
 from .llama import LlamaAdapter
 
-_TINY = {
-    "vocab_size": 96,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 8,  # Qwen3's default head_dim is 128, independent of hidden_size
-    "max_position_embeddings": 128,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True,
-}
+_TINY = {**LlamaAdapter.tiny_config, "head_dim": 8,  # Qwen3's default head_dim is 128, independent of hidden_size
+         "tie_word_embeddings": True}
 
 
 @register_adapter
