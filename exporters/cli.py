@@ -124,7 +124,9 @@ def _quantize_parser(sub) -> None:
                         help=f"GPTQ calibration sequences (default {QUANT.gptq_samples})")
     parser.add_argument("--gptq-seqlen", type=int, default=QUANT.gptq_seqlen,
                         help="GPTQ calibration tokens per sequence (default 512, or the model's context if shorter)")
-    parser.add_argument("--quantize-head", action="store_true", help="also quantize an untied lm_head")
+    parser.add_argument("--quantize-head", action="store_true",
+                        help="also quantize the lm_head (a tied head first gets its own copy of the table, so the "
+                             "embedding Gather is unchanged); with --weight-int8 lm_head as 8-bit blocks")
     parser.add_argument("--shortcuts", default=QUANT.shortcuts.value, choices=["float", "weight-int8", "same"],
                         help="residual shortcut matrices of sliced models: weight-only 8-bit blocks (default), "
                              "float, or quantized like the rest (their error compounds over every layer)")

@@ -79,5 +79,33 @@ def count_roles(matmuls: Iterable) -> dict[str, int]:
     return roles
 
 
-__all__ = ["EXTERNAL_DATA_BYTES", "PrefillReader", "calibration_samples", "copy_side_files", "count_roles",
-           "is_large", "prefill_feeds", "save_model"]
+HEAD_WEIGHT = "lm_head.weight.untied"  # the initializer an untied head reads
+
+
+def untie_head(model) -> bool:
+    """Give a tied head (``MatMul(hidden, Transpose(table))`` in a node named ``*lm_head*``) its own (hidden, vocab)
+    initializer, in place; the Transpose goes when nothing else reads it.
+
+    Returns True when a head was untied. The graph then holds the table twice: quantizing the head is what makes
+    that pay (the Gather keeps reading the table, e.g. as float16; the head reads an INT8/INT4 copy)."""
+    from onnx import numpy_helper
+
+    producers = {out: node for node in model.graph.node for out in node.output}
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or "lm_head" not in node.name or node.input[1] in inits:
+            continue
+        transpose = producers.get(node.input[1])
+        if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in inits:
+            continue
+        table = numpy_helper.to_array(inits[transpose.input[0]])  # (vocab, hidden)
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(table.T), HEAD_WEIGHT))
+        node.input[1] = HEAD_WEIGHT
+        if not any(transpose.output[0] in other.input for other in model.graph.node):
+            model.graph.node.remove(transpose)
+        return True
+    return False
+
+
+__all__ = ["EXTERNAL_DATA_BYTES", "HEAD_WEIGHT", "PrefillReader", "calibration_samples", "copy_side_files",
+           "count_roles", "is_large", "prefill_feeds", "save_model", "untie_head"]

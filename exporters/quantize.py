@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,7 +23,16 @@ import numpy as np
 from slice2deploy.runners import check_length
 from slice2deploy.utils import Slice2DeployError, UserInputError, atomic_directory, sha256_file
 
-from .graph_io import PrefillReader, calibration_samples, copy_side_files, count_roles, is_large, prefill_feeds
+from .graph_io import (
+    PrefillReader,
+    calibration_samples,
+    copy_side_files,
+    count_roles,
+    is_large,
+    prefill_feeds,
+    save_model,
+    untie_head,
+)
 from .ort import OrtCausalLM, check_onnx_dir, runtime_versions
 from .outliers import mixed_precision_hint
 from .quant_plan import (  # noqa: F401  (re-exported: the public names of quantization)
@@ -214,8 +224,6 @@ def quantize_onnx(source_dir: str | Path, out_dir: str | Path, config: QuantConf
         UserInputError: a bad directory, a block size that does not divide the widths, nothing to quantize.
         QuantQualityError: the logits SNR on calibration text stays below the floor (nothing is written).
     """
-    import onnx
-
     source = Path(source_dir).expanduser()
     model_path = check_onnx_dir(source)
     if Path(out_dir).expanduser().resolve() == source.resolve():
@@ -225,6 +233,31 @@ def quantize_onnx(source_dir: str | Path, out_dir: str | Path, config: QuantConf
     check_length(config.calib_seqlen, reference.context_length, "a calibration window", "--calib-seqlen")
     if config.method == Int4Method.GPTQ:
         check_length(config.gptq_seqlen, reference.context_length, "a GPTQ calibration window", "--gptq-seqlen")
+    with tempfile.TemporaryDirectory(prefix="slice2deploy-untied-") as scratch:
+        untied = _untied_head_source(model_path, Path(scratch)) if config.quantize_head else None
+        return _quantize(source, model_path, untied or model_path, out_dir, config, reference, overwrite,
+                         head_untied=untied is not None)
+
+
+def _untied_head_source(model_path: Path, scratch: Path) -> Path | None:
+    """A copy of the graph whose tied head reads its own (hidden, vocab) initializer (graph_io.untie_head), saved
+    in ``scratch``; None when the head is not tied."""
+    import onnx
+
+    model = onnx.load(str(model_path))
+    if not untie_head(model):
+        return None
+    target = scratch / MODEL_FILE
+    save_model(model, target, large=is_large(model_path))
+    return target
+
+
+def _quantize(source: Path, source_model: Path, model_path: Path, out_dir: str | Path, config: QuantConfig,
+              reference: OrtCausalLM, overwrite: bool, head_untied: bool) -> dict:
+    """quantize_onnx after its checks: ``model_path`` is the graph the passes read (``source_model`` or a copy
+    with the head untied)."""
+    import onnx
+
     graph = onnx.load(str(model_path), load_external_data=False)
     matmuls = weight_matmuls(graph)
     chosen_block = config.block_size is None
@@ -251,7 +284,8 @@ def quantize_onnx(source_dir: str | Path, out_dir: str | Path, config: QuantConf
                 f"{'float' if 'keep_float' in auto else '8-bit'}: {auto['snr_db_after']} dB)")
             raise QuantQualityError(f"{config.mode.value}: logits SNR {attempt.snr:.1f} dB is below the floor of "
                                     f"{config.floor:.1f} dB{tried}; nothing was written.{hint}")
-        manifest = _manifest(source, model_path, tmp, attempt.config, attempt.full, attempt.snr)
+        manifest = _manifest(source, source_model, tmp, attempt.config, attempt.full, attempt.snr)
+        manifest["head_untied"] = head_untied
         manifest["block_size_chosen_from_widths"] = chosen_block
         manifest["auto_mixed_precision"] = auto
         manifest["embedding_float16"] = attempt.embedding

@@ -230,6 +230,27 @@ def test_mixed_precision_and_float16_embedding(dense_onnx, tiny_text_file, tmp_p
     assert not [p for p in out.iterdir() if p.name.startswith(".stage")]
 
 
+def test_a_tied_head_is_untied_and_stored_as_8_bit_blocks(dense_onnx, tiny_text_file, tmp_path):
+    """--quantize-head on a tied head: the head reads its own 8-bit copy, the Gather keeps the (float16) table."""
+    from exporters.graph_io import HEAD_WEIGHT
+    from slice2deploy.utils import sha256_file
+
+    before = sha256_file(dense_onnx / "model.onnx")
+    kwargs = {"mode": "int4", "block_size": 16, "weight_int8": ("down_proj", "lm_head"), "embedding_dtype": "float16"}
+    manifest = quantize_onnx(dense_onnx, tmp_path / "head8", _config(tiny_text_file, quantize_head=True, **kwargs))
+    graph = onnx.load(str(tmp_path / "head8" / "model.onnx")).graph
+    head = next(n for n in graph.node if "lm_head" in n.name)
+    assert head.op_type == "MatMulNBits" and next(a.i for a in head.attribute if a.name == "bits") == 8
+    assert head.input[1].startswith(HEAD_WEIGHT)
+    assert manifest["head_untied"] and manifest["weight_int8_by_role"] == {"linear": 2, "head": 1}
+    assert manifest["source"]["model_sha256"] == before == sha256_file(dense_onnx / "model.onnx")  # input untouched
+    gather = next(n for n in graph.node if n.op_type == "Gather" and n.input[0] == manifest["embedding_float16"])
+    assert gather is not None and not [n for n in graph.node if n.op_type == "Transpose" and "embed" in n.input[0]]
+    float_head = quantize_onnx(dense_onnx, tmp_path / "head32", _config(tiny_text_file, **kwargs))
+    assert not float_head["head_untied"]
+    assert manifest["logits_snr_db"] >= float_head["logits_snr_db"] - 1.0  # 8-bit head blocks: close to float
+
+
 @pytest.mark.parametrize("method", ["rtn", "hqq", "gptq"])
 def test_accuracy_level_is_stamped_on_every_nbits_node(dense_onnx, tiny_text_file, tmp_path, method):
     manifest = quantize_onnx(dense_onnx, tmp_path / method, _config(tiny_text_file, mode="int4", block_size=16,

@@ -23,13 +23,12 @@ import numpy as np
 
 from slice2deploy.utils import UserInputError
 
-from ..graph_io import calibration_samples, is_large, prefill_feeds
+from ..graph_io import calibration_samples, is_large, prefill_feeds, untie_head
 from ..ort import OrtCausalLM
 from ..quantize import QuantConfig, QuantMode, WeightMatMul, quant_plan, weight_matmuls
 from .config import Precision, TrtBuildConfig
 
 INT4, INT8 = 22, 3  # onnx.TensorProto element types
-HEAD_WEIGHT = "lm_head.weight.untied"
 
 
 @dataclass(frozen=True)
@@ -61,30 +60,6 @@ def plan_weight_only(model, config: TrtBuildConfig) -> tuple[list[WeightOnlyChoi
     if not choices:
         raise UserInputError(f"no weight MatMul to quantize to {config.precision.value}")
     return choices, full.skipped
-
-
-def untie_head(model) -> bool:
-    """Give a tied head (MatMul of the hidden state and Transpose(embedding table)) its own initializer, in place.
-
-    Returns True when a head was untied. The graph then holds the table twice: quantizing the head is what makes
-    that pay (the Gather reads a float16 table, the head an INT8/INT4 one)."""
-    from onnx import numpy_helper
-
-    producers = {out: node for node in model.graph.node for out in node.output}
-    inits = {t.name: t for t in model.graph.initializer}
-    head = next((mm for mm in weight_matmuls(model) if mm.role == "head" and mm.weight is None), None)
-    if head is None:
-        return False
-    node = next(n for n in model.graph.node if n.name == head.node)
-    transpose = producers.get(node.input[1])
-    if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in inits:
-        return False
-    table = numpy_helper.to_array(inits[transpose.input[0]])  # (vocab, hidden)
-    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(table.T), HEAD_WEIGHT))
-    node.input[1] = HEAD_WEIGHT
-    if not any(transpose.output[0] in other.input for other in model.graph.node):
-        model.graph.node.remove(transpose)
-    return True
 
 
 def _pack_int4(values: np.ndarray) -> bytes:
