@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import time
@@ -31,6 +32,8 @@ from benchmarks.suite.results import write_results
 VARIANTS = {
     "dense/genai/fp32": "dense-genai-fp32", "dense/onnxruntime/fp32": "dense-onnx",
     "dense/genai/int4": "dense-genai-int4", "dense/onnxruntime/int4": "dense-int4",
+    "dense/onnxruntime/int4-head8": "dense-int4-head8", "dense/onnxruntime/int4-head4": "dense-int4-head4",
+    "dense/onnxruntime/int4-all4-head8": "dense-int4-all4-head8",
     "uniform-0.25/genai/fp32": "u25-genai-fp32", "uniform-0.25/onnxruntime/fp32": "u25-onnx",
     "uniform-0.25/genai/int4": "u25-genai-int4", "uniform-0.25/onnxruntime/int4": "u25-int4",
 }
@@ -161,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = token_stream(tokenizer, load_text("builtin", "evaluation"))
     prompt_tokens = tokens.numpy().astype(np.int64)
     rounds: dict[str, list[dict]] = {name: [] for name in variants}
+    load_before = os.getloadavg()
     for index in range(1 - args.warmup_rounds, args.rounds + 1):  # rounds <= 0 are warm-up, not recorded
         for name, directory in variants.items():
             result = measure_round(name, directory, prompt_tokens, args)
@@ -168,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"tok/s", file=sys.stderr, flush=True)
             if index > 0:
                 rounds[name].append(result)
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_record(),
+    load = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]}
+    meta = {"load_average_1_5_15": load,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_record(),
             "versions": {**versions(), **_ort_version()},
             "command": "python -m benchmarks.genai " + " ".join(argv if argv is not None else sys.argv[1:]),
             "settings": {"prefill_tokens": args.prefill_tokens, "decode_tokens": args.decode_tokens,
@@ -186,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                   **meta}
         records.append(record)
     header = (f"# ONNX Runtime GenAI vs our ONNX Runtime exports, SmolLM2-135M (CPU)\n\nMeasured {meta['date']} on "
-              f"{meta['machine']['cpu']} ({meta['machine']['cores']} cores, shared with other jobs), onnxruntime "
+              f"{meta['machine']['cpu']} ({meta['machine']['cores']} cores; load average 1/5/15 min "
+              f"{'/'.join(map(str, load['before']))} before, {'/'.join(map(str, load['after']))} after), onnxruntime "
               f"{meta['versions'].get('onnxruntime')}, onnxruntime-genai {meta['versions']['onnxruntime-genai']}. "
               f"One process, variants alternated, {args.rounds} rounds after {args.warmup_rounds} warm-up round(s), "
               f"each variant opened afresh per round with a 16-token untimed forward first; median (min-max). "

@@ -149,7 +149,8 @@ def _quantize_step(recipe: Recipe, model: str, mode: str) -> Step:
         method = cfg["method"] if mode == "int4" else "rtn"  # the method names an INT4 weight quantizer
         config = QuantConfig(mode=mode, block_size=cfg["block_size"], method=method,
                              keep_float=tuple(cfg["keep_float"]), weight_int8=tuple(cfg["weight_int8"]),
-                             embedding_dtype=cfg["embedding_dtype"], shortcuts=cfg["shortcuts"],
+                             embedding_dtype=cfg["embedding_dtype"], quantize_head=cfg["quantize_head"],
+                             shortcuts=cfg["shortcuts"],
                              accuracy_level=cfg["accuracy_level"],
                              calib_samples=cfg["calib_samples"], snr_floor_db=cfg["snr_floor_db"],
                              gptq_samples=cfg["gptq_samples"], gptq_seqlen=cfg["gptq_seqlen"],

@@ -13,6 +13,7 @@ import argparse
 from slice2deploy.commands import DATA_HELP, MODEL_HELP
 
 from .genai import BLOCK_SIZES as GENAI_BLOCK_SIZES
+from .genai import MAX_PERPLEXITY_RATIO as GENAI_MAX_PPL_RATIO
 from .genai import SNR_FLOOR_DB as GENAI_SNR_FLOOR_DB
 from .genai import GenAIExportConfig, GenAIPrecision, Provider, export_genai
 from .onnx import OnnxExportConfig, export_pretrained
@@ -91,6 +92,12 @@ def _genai_parser(formats) -> None:
     genai.add_argument("--snr-floor", type=float, default=None,
                        help="reject below this logits SNR in dB (default: "
                             + ", ".join(f"{floor:g} {p.value}" for p, floor in GENAI_SNR_FLOOR_DB.items()) + ")")
+    genai.add_argument("--max-ppl-ratio", type=float, default=None,
+                       help="reject when the perplexity on the gate windows exceeds this multiple of PyTorch's "
+                            "(default: " + ", ".join(f"{r:g} {p.value}" for p, r in GENAI_MAX_PPL_RATIO.items()) + ")")
+    genai.add_argument("--builder-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="passed to the builder's --extra_options (repeatable), e.g. algo_config=k_quant_mixed "
+                            "(k-quant INT4, 8-bit head and sensitive layers); recorded in the manifest")
     genai.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     genai.set_defaults(handler=_run_export_genai)
 
@@ -178,13 +185,15 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
 def _run_export_genai(args: argparse.Namespace) -> int:
     config = GenAIExportConfig(precision=args.precision, provider=args.execution_provider, block_size=args.block_size,
                                accuracy_level=args.accuracy_level, calib=args.calib, gate_samples=args.gate_samples,
-                               gate_seqlen=args.gate_seqlen, snr_floor_db=args.snr_floor)
+                               gate_seqlen=args.gate_seqlen, snr_floor_db=args.snr_floor,
+                               max_perplexity_ratio=args.max_ppl_ratio, builder_extra=tuple(args.builder_option))
     manifest = export_genai(args.model, args.output, config, overwrite=args.overwrite)
     gate = manifest["quality_gate"]
     print(f"saved {manifest['output']} (GenAI {config.precision.value}, {config.provider.value}; "
           f"{manifest['size_bytes'] / 2**20:.1f} MiB) in {manifest['seconds']['build']:.1f} s")
     print(f"quality gate vs PyTorch: logits SNR {gate['logits_snr_db']:.1f} dB (floor {gate['snr_floor_db']:g}), "
-          f"perplexity {gate['perplexity']['genai']:.3f} vs {gate['perplexity']['pytorch']:.3f} on "
+          f"perplexity {gate['perplexity']['genai']:.3f} vs {gate['perplexity']['pytorch']:.3f} "
+          f"({gate['perplexity_ratio']:.3f}x, limit {gate['max_perplexity_ratio']:g}x) on "
           f"{gate['windows']} x {gate['seqlen']} tokens of {config.calib}")
     return 0
 

@@ -54,6 +54,13 @@ class Provider(str, Enum):
 # summation order (tiny models measure > 100 dB; anything wrong in wiring is ~0 dB). fp16: ~3 decimal digits.
 # int4: the floor of our own INT4 quantizer (exporters/quantize.py), so both INT4 paths answer to the same bar.
 SNR_FLOOR_DB = {GenAIPrecision.FP32: 40.0, GenAIPrecision.FP16: 20.0, GenAIPrecision.INT4: 8.0}
+# Perplexity ratio limits (GenAI / PyTorch on the gate windows). An SNR floor alone let the builder's default INT4 of a
+# uniform 25 % SmolLM2 slice through at 11.8 dB with 3.1x the perplexity (benchmarks/results/genai_cpu_smollm2.md);
+# its dense INT4 measured 1.20x, our GPTQ INT4 1.05x on the same windows.
+MAX_PERPLEXITY_RATIO = {GenAIPrecision.FP32: 1.01, GenAIPrecision.FP16: 1.05, GenAIPrecision.INT4: 1.25}
+# --extra_options keys that have their own flags (set through those, recorded in the config)
+OWN_FLAGS = {"block_size": "--block-size", "accuracy_level": "--accuracy-level", "int4_block_size": "--block-size",
+             "int4_accuracy_level": "--accuracy-level"}
 
 
 class GenAIBuildError(Slice2DeployError):
@@ -80,6 +87,8 @@ class GenAIExportConfig:
     gate_seqlen: int = 128
     seed: int = 0
     snr_floor_db: float | None = None
+    max_perplexity_ratio: float | None = None
+    builder_extra: tuple[str, ...] = ()  # more KEY=VALUE --extra_options of the builder, e.g. algo_config=k_quant
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -98,18 +107,32 @@ class GenAIExportConfig:
             raise UserInputError(f"accuracy level must be 0..4, got {self.accuracy_level}")
         if self.gate_samples < 1 or self.gate_seqlen < 2:
             raise UserInputError("the quality gate needs at least 1 window of at least 2 tokens")
+        if self.max_perplexity_ratio is not None and not self.max_perplexity_ratio >= 1.0:
+            raise UserInputError(f"the perplexity ratio limit must be >= 1, got {self.max_perplexity_ratio}")
+        self.builder_extra = tuple(self.builder_extra)
+        for option in self.builder_extra:
+            key, sep, value = option.partition("=")
+            if not sep or not key or not value:
+                raise UserInputError(f"builder option {option!r} is not KEY=VALUE")
+            if key in OWN_FLAGS:
+                raise UserInputError(f"builder option {key} has its own flag: use {OWN_FLAGS[key]}")
 
     @property
     def floor(self) -> float:
         return SNR_FLOOR_DB[self.precision] if self.snr_floor_db is None else self.snr_floor_db
 
+    @property
+    def ratio_limit(self) -> float:
+        return MAX_PERPLEXITY_RATIO[self.precision] if self.max_perplexity_ratio is None else self.max_perplexity_ratio
+
     def builder_options(self) -> list[str]:
         """``--extra_options KEY=VALUE`` pairs of the builder."""
         options = {"block_size": self.block_size, "accuracy_level": self.accuracy_level}
-        return [f"{key}={value}" for key, value in options.items() if value is not None]
+        return [f"{key}={value}" for key, value in options.items() if value is not None] + list(self.builder_extra)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "precision": self.precision.value, "provider": self.provider.value}
+        return {**asdict(self), "precision": self.precision.value, "provider": self.provider.value,
+                "builder_extra": list(self.builder_extra)}
 
 
 def _enum(kind: type[Enum], value, name: str):
@@ -215,13 +238,14 @@ def _nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
     return float(-picked.sum()), targets.size
 
 
-def quality_gate(reference, candidate: GenAICausalLM, windows: np.ndarray, floor_db: float) -> dict:
+def quality_gate(reference, candidate: GenAICausalLM, windows: np.ndarray, floor_db: float,
+                 max_ratio: float = float("inf")) -> dict:
     """Logits of ``candidate`` (GenAI) against ``reference`` (a PyTorch causal LM) on ``windows`` (N, T).
 
-    Returns logits SNR in dB, max |Δlogits|, and both perplexities on these windows.
+    Returns logits SNR in dB, max |Δlogits|, and both perplexities on these windows and their ratio.
 
     Raises:
-        GenAIQualityError: SNR below ``floor_db``.
+        GenAIQualityError: SNR below ``floor_db``, or perplexity above ``max_ratio`` x PyTorch's.
     """
     import torch
 
@@ -249,6 +273,13 @@ def quality_gate(reference, candidate: GenAICausalLM, windows: np.ndarray, floor
         raise GenAIQualityError(f"GenAI logits SNR {snr:.1f} dB against PyTorch is below the floor of {floor_db:.1f} "
                                 f"dB (perplexity {report['perplexity']['genai']} vs {report['perplexity']['pytorch']} "
                                 "on the gate windows); try fp32, a smaller --block-size or --accuracy-level 0")
+    report["max_perplexity_ratio"] = max_ratio
+    if not report["perplexity_ratio"] <= max_ratio:
+        ratio = report["perplexity_ratio"]
+        raise GenAIQualityError(f"GenAI perplexity {report['perplexity']['genai']} is {ratio:.2f}x "
+                                f"PyTorch's {report['perplexity']['pytorch']} on the gate windows, above the limit of "
+                                f"{max_ratio:g}x (logits SNR {snr:.1f} dB); try fp32, --block-size 16, or "
+                                "--builder-option algo_config=k_quant_mixed")
     return report
 
 
@@ -283,7 +314,8 @@ def export_genai(spec: str, out_dir: str | Path, config: GenAIExportConfig | Non
 
     Raises:
         UserInputError: onnxruntime-genai missing, a per-layer slice, unsupported heads, windows beyond the context.
-        GenAIBuildError: the builder failed. GenAIQualityError: below the SNR floor. Nothing is written on error.
+        GenAIBuildError: the builder failed. GenAIQualityError: below the SNR floor or above the perplexity ratio
+        limit. Nothing is written on error.
     """
     from slice2deploy.api import load
     from slice2deploy.data import load_text
@@ -303,7 +335,8 @@ def export_genai(spec: str, out_dir: str | Path, config: GenAIExportConfig | Non
         built = time.perf_counter()
         reference, tokenizer, _ = load(spec, "float32", "cpu")
         candidate = GenAICausalLM(tmp)
-        gate = quality_gate(reference, candidate, _gate_windows(tokenizer, text, config), config.floor)
+        gate = quality_gate(reference, candidate, _gate_windows(tokenizer, text, config), config.floor,
+                            config.ratio_limit)
         del candidate  # release the session's file handles before the directory is renamed
         seconds = {"build": round(built - started, 2), "gate": round(time.perf_counter() - built, 2)}
         manifest = _manifest(tmp, source, config, build, gate, seconds)

@@ -71,8 +71,16 @@ def test_config_refuses_what_the_builder_cannot_do():
         GenAIExportConfig(precision="int4", block_size=48)
     with pytest.raises(UserInputError, match="unknown precision"):
         GenAIExportConfig(precision="int3")
-    config = GenAIExportConfig(precision="int4", block_size=64, accuracy_level=4)
-    assert config.builder_options() == ["block_size=64", "accuracy_level=4"]
+    config = GenAIExportConfig(precision="int4", block_size=64, accuracy_level=4,
+                               builder_extra=("algo_config=k_quant",))
+    assert config.builder_options() == ["block_size=64", "accuracy_level=4", "algo_config=k_quant"]
+    assert config.ratio_limit == 1.25 and GenAIExportConfig(precision="fp32").ratio_limit == 1.01
+    with pytest.raises(UserInputError, match="use --block-size"):
+        GenAIExportConfig(builder_extra=("int4_block_size=16",))
+    with pytest.raises(UserInputError, match="KEY=VALUE"):
+        GenAIExportConfig(builder_extra=("algo_config",))
+    with pytest.raises(UserInputError, match=">= 1"):
+        GenAIExportConfig(max_perplexity_ratio=0.9)
     assert GenAIExportConfig(**{k: v for k, v in config.to_dict().items()}).to_dict() == config.to_dict()
 
 
@@ -158,3 +166,15 @@ def test_nothing_is_written_when_the_quality_gate_fails(sources, tmp_path, tiny_
     assert main(argv) == 2
     assert "below the floor of 1000" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # neither the output nor a partial temporary directory
+
+
+@needs_genai
+def test_the_gate_refuses_a_perplexity_above_the_ratio_limit(sources, tmp_path, tiny_text_file, capsys):
+    """An SNR floor alone is not enough: the ratio limit refuses what the floor lets through, and writes nothing."""
+    out = tmp_path / "out"
+    argv = ["export", "genai", str(sources["dense"]), "-o", str(out), "--precision", "int4", "--snr-floor", "0",
+            "--max-ppl-ratio", "1.0000001", "--calib", str(tiny_text_file), "--gate-seqlen", str(GATE_SEQLEN)]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "above the limit of 1x" in error and "PyTorch's" in error
+    assert list(tmp_path.iterdir()) == []

@@ -18,6 +18,7 @@ SECTIONS: dict[str, dict[str, Any]] = {  # section -> its keys and defaults
     # opset None: 18 (fused: 23); attention_chunks None: 4 causal query blocks with fused attention, 1 with eager
     "export": {"opset": None, "exporter": "torchscript", "attention": "eager", "attention_chunks": None},
     "quantize": {"block_size": 32, "method": "rtn", "keep_float": [], "weight_int8": [], "embedding_dtype": None,
+                 "quantize_head": False,  # the head too (a tied one gets its own copy); weight_int8 [lm_head]: 8-bit
                  "accuracy_level": None, "shortcuts": "weight-int8", "calib_samples": 8, "snr_floor_db": None,
                  "gptq_samples": 32, "gptq_seqlen": 512, "static_format": "qdq",
                  "smooth_alpha": None,  # SmoothQuant strength for the INT8 modes (null: off; int4 ignores it)
@@ -27,6 +28,7 @@ SECTIONS: dict[str, dict[str, Any]] = {  # section -> its keys and defaults
 QUANT_CHOICES = {  # quantize key -> (allowed values, how the error message names them)
     "accuracy_level": ((None, 0, 1, 2, 3, 4), "null or 0-4"),
     "embedding_dtype": ((None, "float16"), "null or float16"),
+    "quantize_head": ((False, True), "true or false"),
     "static_format": (("qdq", "qoperator"), "qdq or qoperator"),
     "method": (("rtn", "hqq", "gptq"), "rtn, hqq or gptq"),
     "shortcuts": (("float", "weight-int8", "same"), "float, weight-int8 or same"),
