@@ -32,6 +32,7 @@ from benchmarks.suite.results import write_results
 VARIANTS = {
     "dense/genai/fp32": "dense-genai-fp32", "dense/onnxruntime/fp32": "dense-onnx",
     "dense/genai/int4": "dense-genai-int4", "dense/onnxruntime/int4": "dense-int4",
+    "dense/genai/int4-kqm": "dense-genai-int4-kqm",
     "dense/onnxruntime/int4-head8": "dense-int4-head8", "dense/onnxruntime/int4-head4": "dense-int4-head4",
     "dense/onnxruntime/int4-all4-head8": "dense-int4-all4-head8",
     "uniform-0.25/genai/fp32": "u25-genai-fp32", "uniform-0.25/onnxruntime/fp32": "u25-onnx",

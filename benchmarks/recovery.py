@@ -73,7 +73,7 @@ def _perplexity(model_dir: str, tokens, args) -> tuple[float, float]:
 
 
 def _key(record: dict) -> tuple:
-    return (record["slice"], record["method"], record["tokens_budget"], record["device"])
+    return (record["slice"], record["method"], record["tokens_budget"], record["device"], record.get("lr"))
 
 
 def _save(path: Path, record: dict) -> None:
