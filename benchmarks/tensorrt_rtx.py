@@ -26,7 +26,8 @@ from benchmarks.suite.results import RESULTS
 
 NAME = "tensorrt_rtx_cpu_smollm2"
 # The weight-only recipes: the ONNX Runtime INT4 path's quality tools (GPTQ 4-bit, 8-bit down_proj and residual
-# shortcuts, fp16 embedding) plus an 8-bit head untied from the tied embedding (fp16 table for the Gather).
+# shortcuts) plus an 8-bit head untied from the tied embedding; the table the Gather reads is INT8 with per-row scales
+# (TrtBuildConfig.embedding_bits, 8 by default for weight-only; records made before it existed had a float16 table).
 PRECISIONS = {
     "fp16": {"precision": "fp16"},
     "int8-wo": {"precision": "int8-wo", "shortcuts": "weight-int8", "head_bits": 8},
@@ -72,17 +73,22 @@ def run_one(model: str, source: Path, precision: str, args: argparse.Namespace, 
 
 def report(records: list[dict]) -> str:
     fp16 = {r["model"]: r["engine_mb"] for r in records if r["precision"] == "fp16"}
-    rows = ["| model | precision | build s | engine MB | vs fp16 engine | MatMul weights (INT4/INT8/float) | "
-            "weight MB by type | logits SNR dB | perplexity | float32 source | vs source |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    first = {}
+    for r in records:
+        first.setdefault(r["model"], len(first))
+    records = sorted(records, key=lambda r: first[r["model"]])  # grouped by model, in the order they were run
+    rows = ["| model | precision | embedding bits | build s | engine MB | vs fp16 engine | MatMul weights "
+            "(INT4/INT8/float) | weight MB by type | logits SNR dB | perplexity | float32 source | vs source |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         kinds = r["network"]["matmuls_by_weight"]
         mm = f"{kinds.get('INT4', 0)}/{kinds.get('INT8', 0)}/{kinds.get('HALF', 0) + kinds.get('FLOAT', 0)}"
         weights = ", ".join(f"{k} {v:.0f}" for k, v in r["network"]["weight_mb_by_type"].items() if v >= 1)
         ratio = f"{r['engine_mb'] / fp16[r['model']]:.2f}x" if r["model"] in fp16 else "-"
-        rows.append(f"| {r['model']} | {r['precision']} | {r['build_seconds']:.1f} | {r['engine_mb']:.1f} | {ratio} | "
-                    f"{mm} | {weights} | {r['logits_snr_db']:.1f} | {r['perplexity']:.2f} | "
-                    f"{r['float_perplexity']:.2f} | {r['ppl_vs_float']:+.1%} |")
+        embedding = r["config"].get("embedding_bits") or 16  # records older than the option: float16
+        rows.append(f"| {r['model']} | {r['precision']} | {embedding} | {r['build_seconds']:.1f} | "
+                    f"{r['engine_mb']:.1f} | {ratio} | {mm} | {weights} | {r['logits_snr_db']:.1f} | "
+                    f"{r['perplexity']:.2f} | {r['float_perplexity']:.2f} | {r['ppl_vs_float']:+.1%} |")
     m = records[0]["machine"] if records else {}
     return (f"# TensorRT-RTX engines built without a GPU: SmolLM2-135M\n\nTensorRT-RTX "
             f"{records[0]['tensorrt_rtx'] if records else '?'}, ahead-of-time build for compute capabilities "

@@ -188,6 +188,13 @@ def test_int4_graph_is_blocked_weight_only(trt_ready):
     model = onnx.load(str(out / "model.onnx"))
     inits = {t.name: t for t in model.graph.initializer}
     dequants = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    # the token-embedding table (embedding_bits 8, the weight-only default): INT8, one scale per row, read by a Gather
+    table = [n for n in dequants if n.name.endswith("/embedding_DequantizeLinear")]
+    assert len(table) == 1 and {n.op_type for n in model.graph.node if table[0].output[0] in n.input} == {"Gather"}
+    codes, row_scale = inits[table[0].input[0]], inits[table[0].input[1]]
+    assert codes.data_type == TensorProto.INT8 and list(row_scale.dims) == [codes.dims[0]]
+    assert {a.name: a.i for a in table[0].attribute} == {"axis": 0} and row_scale.data_type == TensorProto.FLOAT16
+    dequants.remove(table[0])
     assert len(dequants) == 14 and not any(n.op_type == "QuantizeLinear" for n in model.graph.node)
     for node in dequants:
         weight, scale = inits[node.input[0]], inits[node.input[1]]
@@ -216,7 +223,7 @@ def test_int4_reports_what_the_quantizer_left_in_float(tiny_text_file, tmp_path)
     manifest = make_trt_ready(source, tmp_path / "int4", _config(tiny_text_file, precision="int4", int4_block_size=16))
     left = [u for u in manifest["unquantized"] if "Gemm" in u["reason"]]
     assert left and manifest["quantized_matmuls"] + manifest["unquantized_count"] == 13  # 12 linears + the head
-    assert manifest["qdq"]["DequantizeLinear"] == manifest["quantized_matmuls"]
+    assert manifest["qdq"]["DequantizeLinear"] == manifest["quantized_matmuls"] + 1  # + the INT8 embedding table
     model = onnx.load(str(tmp_path / "int4" / "model.onnx"))
     types = _types(model)
     norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]

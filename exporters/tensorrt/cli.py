@@ -67,6 +67,9 @@ def add_build_engine_parser(subparsers) -> argparse.ArgumentParser:
                        help="residual shortcut matrices of sliced models (default float)")
     quant.add_argument("--head-bits", type=int, default=None, choices=[4, 8],
                        help="weight-only graphs: quantize the head (untied from a tied embedding) to 4 or 8 bits")
+    quant.add_argument("--embedding-bits", type=int, default=None, choices=[8, 16],
+                       help="weight-only graphs: the token-embedding table as INT8 with one scale per row (8, the "
+                            "default for int8-wo and int4) or float16 (16, the only choice for fp16 and int8)")
     quant.add_argument("--gptq-samples", type=int, default=defaults.gptq_samples,
                        help=f"GPTQ calibration sequences (default {defaults.gptq_samples})")
     quant.add_argument("--gptq-seqlen", type=int, default=defaults.gptq_seqlen,
@@ -102,7 +105,8 @@ def run_build_engine(args: argparse.Namespace) -> int:
                             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                             timing_cache=args.timing_cache, device_index=args.device_index,
                             int4_method=args.int4_method, weight_int8=args.weight_int8, shortcuts=args.shortcuts,
-                            head_bits=args.head_bits, gptq_samples=args.gptq_samples, gptq_seqlen=args.gptq_seqlen,
+                            head_bits=args.head_bits, embedding_bits=args.embedding_bits,
+                            gptq_samples=args.gptq_samples, gptq_seqlen=args.gptq_seqlen,
                             runtime=args.runtime, target_cc=args.target_cc, strip_weights=args.strip_weights)
     manifest = write_bundle(args.onnx_dir, args.output, config, overwrite=args.overwrite)
     out = Path(manifest["output"])

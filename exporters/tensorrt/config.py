@@ -214,11 +214,16 @@ class TrtBuildConfig:
     device_index: int = 0
     # Weight-only graphs (int4, int8-wo) take exporters.quantize's quality tools: GPTQ for the 4-bit weights,
     # 8-bit storage for outlier-heavy MatMuls (weight_int8 patterns, e.g. down_proj) and residual shortcuts, and
-    # an untied head at head_bits (None: float) so the embedding table becomes float16.
+    # an untied head at head_bits (None: float) so the embedding table is stored on its own (embedding_bits).
     int4_method: str = "rtn"  # rtn | gptq
     weight_int8: list[str] = field(default_factory=list)
     shortcuts: str = "float"  # float | weight-int8 (weight-only graphs) | same
     head_bits: int | None = None  # weight-only graphs: 8 or 4 (the head untied from a tied embedding)
+    # The token-embedding table the Gather reads: 8 = INT8, one symmetric scale per vocabulary row (the weight-only
+    # default: TensorRT-RTX keeps it INT8, e.g. 28 MB instead of 57 MB for SmolLM2's 49152 x 576), 16 = float16 (the
+    # only choice for fp16/int8). None: 8 for weight-only precisions, else 16. Checked with TensorRT-RTX 1.7.1's
+    # builder (exporters.tensorrt.weight_only); TensorRT 10/11 cannot be installed here, so for them it is unverified.
+    embedding_bits: int | None = None
     gptq_samples: int = 32
     gptq_seqlen: int = 512
     gptq_damp: float = 0.01
@@ -246,6 +251,13 @@ class TrtBuildConfig:
         if weight_only_options and self.precision not in WEIGHT_ONLY:
             raise UserInputError("int4_method, weight_int8 and head_bits apply to the weight-only precisions "
                                  f"(int4, int8-wo), not {self.precision.value}")
+        if self.embedding_bits is None:
+            self.embedding_bits = 8 if self.precision in WEIGHT_ONLY else 16
+        if self.embedding_bits not in (8, 16):
+            raise UserInputError(f"embedding_bits must be 8 or 16, got {self.embedding_bits!r}")
+        if self.embedding_bits == 8 and self.precision not in WEIGHT_ONLY:
+            raise UserInputError(f"embedding_bits=8 (an INT8 embedding table) applies to the weight-only precisions "
+                                 f"(int4, int8-wo), not {self.precision.value}; use 16")
         if self.workspace_mib is not None and (isinstance(self.workspace_mib, bool) or self.workspace_mib < 64):
             raise UserInputError(f"workspace_mib must be at least 64, got {self.workspace_mib}")
         self.quant_config()  # validates block size and calibration sizes with exporters.quantize's rules

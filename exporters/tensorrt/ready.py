@@ -28,7 +28,7 @@ from .config import (
 )
 from .fp16 import _require_opset, convert_fp16
 from .qdq import _check_quantized, _node_outputs, _plan_nodes, qdq_report, quantize_int4_qdq, quantize_int8_qdq
-from .weight_only import quantize_weight_only
+from .weight_only import quantize_embedding, quantize_weight_only
 
 
 def _text_samples(runner: OrtCausalLM, config: TrtBuildConfig) -> list[np.ndarray]:
@@ -46,6 +46,7 @@ def _write_graph(model_path: Path, target: Path, config: TrtBuildConfig, referen
         bits = {str(b): sum(c.bits == b for c in choices) for b in sorted({c.bits for c in choices})}
     else:
         model, chosen, skipped = _quantize(model_path, target, config, reference, samples)
+    embedding = quantize_embedding(model) if config.embedding_bits == 8 else None
     if config.quant_mode:
         _require_opset(model, QDQ_OPSET)
         chosen, missed = _check_quantized(model, chosen, _node_outputs(model_path), config.precision)
@@ -53,7 +54,7 @@ def _write_graph(model_path: Path, target: Path, config: TrtBuildConfig, referen
     model = convert_fp16(model, config.head_in_float32)
     save_model(model, target, large)
     report = {"quantized_matmuls": len(chosen), "quantized_by_role": count_roles(chosen), "unquantized": skipped,
-              "unquantized_count": len(skipped)}
+              "unquantized_count": len(skipped), "embedding_int8": embedding}
     return {**report, "weight_bits": bits} if bits else report
 
 
