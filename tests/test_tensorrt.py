@@ -122,22 +122,49 @@ def _types(model) -> dict[str, int]:
     return types
 
 
-def _check_float_placement(model) -> None:
-    """float16 everywhere except what TensorRT must compute in float32; KV cache float16, logits float32."""
+def _check_float_placement(model, half: int = TensorProto.FLOAT16) -> None:
+    """float16 (or ``half``) everywhere except what TensorRT must compute in float32; KV cache in ``half``, logits
+    float32."""
     graph, types = model.graph, _types(model)
     io_types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]}
     assert io_types["logits"] == TensorProto.FLOAT
-    assert all(io_types[name] == TensorProto.FLOAT16 for name in io_types if name.startswith(("past_", "present.")))
+    assert all(io_types[name] == half for name in io_types if name.startswith(("past_", "present.")))
     producers = {out: node for node in graph.node for out in node.output}
     for node in graph.node:
         if node.op_type in ("Softmax", "Pow", "ReduceMean", "Sqrt", "Cos", "Sin"):
             assert types[node.input[0]] == TensorProto.FLOAT, node.name
         if node.op_type == "MatMul" and "lm_head" not in node.name:
-            assert types[node.input[0]] == TensorProto.FLOAT16, node.name
+            assert types[node.input[0]] == half, node.name
         if node.op_type == "Cast":  # no float32 -> float16 -> float32 round trips left by the converter
             assert producers.get(node.input[0]) is None or producers[node.input[0]].op_type != "Cast", node.name
     head = next(n for n in graph.node if n.op_type == "MatMul" and "lm_head" in n.name)
     assert all(types[name] == TensorProto.FLOAT for name in head.input)
+
+
+def test_bf16_graph_is_checked_through_its_float32_twin(trt_ready, tmp_path):
+    """bf16: the FP16 graph's float32 placement with bfloat16 for float16; ONNX Runtime's CPU provider cannot run it
+    (no bfloat16 MatMul), so the gate measured its float32 twin, which rounds every bfloat16 tensor."""
+    from exporters.tensorrt.bf16 import BFLOAT16, from_bfloat16_bits, to_bfloat16_bits, write_float32_twin
+
+    values = torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 100
+    assert np.array_equal(from_bfloat16_bits(to_bfloat16_bits(values.numpy())),
+                          values.to(torch.bfloat16).float().numpy())  # round to nearest even, as torch does
+    manifest, out = trt_ready("bf16")
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    model = onnx.load(str(out / "model.onnx"))
+    _check_float_placement(model, half=BFLOAT16)
+    assert TensorProto.FLOAT16 not in set(_types(model).values())
+    assert {t.data_type for t in model.graph.initializer if t.dims} <= {BFLOAT16, TensorProto.FLOAT,
+                                                                        TensorProto.INT64}
+    quality, fp16_quality = manifest["validation"], trt_ready("fp16")[0]["validation"]
+    assert "float32 twin" in quality["measured_on"] and quality["logits_snr_db"] >= quality["snr_floor_db"] == 25
+    # bfloat16 keeps 8 mantissa bits to float16's 11: ~18 dB less SNR when the twin really rounds every tensor
+    assert 10 < fp16_quality["logits_snr_db"] - quality["logits_snr_db"] < 30
+    twin = write_float32_twin(out, tmp_path / "twin")
+    casts = [n for n in onnx.load(str(twin / "model.onnx")).graph.node if n.op_type == "Cast"
+             and n.attribute[0].i == BFLOAT16]
+    assert casts and all(n.name.endswith("/round_to_bfloat16") for n in casts)
+    assert OrtCausalLM(twin).forward(np.array([[1, 5, 7]]))[0].shape == (1, 3, 96)
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
@@ -310,7 +337,8 @@ def test_config_validation_and_round_trip():
     assert TrtBuildConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert config.resolved_profile().workspace_mib == 512
     assert TrtBuildConfig().snr_floor == 30.0 and config.snr_floor == 8.0
-    for bad, match in [({"precision": "fp8"}, "fp16, int8, int4"), ({"profile": "tpu"}, "rtx, datacenter, jetson"),
+    for bad, match in [({"precision": "fp8"}, "fp16, bf16, int8, int4"),
+                       ({"profile": "tpu"}, "rtx, datacenter, jetson"),
                        ({"int4_block_size": 24}, "16, 32, 64, 128, 256"), ({"workspace_mib": 8}, "at least 64")]:
         with pytest.raises(UserInputError, match=match):
             TrtBuildConfig(**bad)

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.skipif(not tensorrt_rtx_available(),
                                 reason="TensorRT-RTX is not installed (pip install 'slice2deploy[tensorrt-rtx]')")
 PRECISIONS = {
     "fp16": {},
+    "bf16": {},
     "int8-wo": {"shortcuts": "weight-int8", "head_bits": 8},
     "int4": {"int4_method": "gptq", "weight_int8": ["down_proj"], "shortcuts": "weight-int8", "head_bits": 8},
 }
@@ -73,16 +74,18 @@ def test_engine_builds_without_a_gpu(sources, tiny_text_file, tmp_path, model, p
     assert json.loads(sidecar_path(engine).read_text()) == sidecar
     summary = json.loads((tmp_path / NETWORK_REPORT_FILE).read_text())["summary"]
     kinds = summary["matmuls_by_weight"]
-    if precision == "fp16":
+    if precision in ("fp16", "bf16"):  # strongly typed: the graph's 16-bit float reaches the builder as written
         assert summary["dequantize_layers"] == 0 and "INT4" not in kinds and "INT8" not in kinds
+        half, other = ("HALF", "BF16") if precision == "fp16" else ("BF16", "HALF")
+        assert kinds[half] > 0 and other not in kinds and other not in summary["weight_mb_by_type"]
     else:  # every MatMul the manifest counts as quantized reaches the builder as INT4/INT8 weights
         assert kinds.get("INT4", 0) + kinds.get("INT8", 0) == manifest["quantized_matmuls"] > 0
         assert summary["quantize_layers"] == 0  # weight-only: no activation quantization
         assert (kinds.get("INT4", 0) > 0) == (precision == "int4")
         assert manifest["validation"]["logits_snr_db"] >= manifest["validation"]["snr_floor_db"]
         assert manifest["embedding_int8"] and summary["gathers_by_table"].get("INT8") == 1  # the 8-bit default
-    assert not {"HALF", "FLOAT"} & set(summary["gathers_by_table"]) or precision == "fp16"
-    if model == "per-layer" and precision != "fp16":
+    assert not {"HALF", "FLOAT"} & set(summary["gathers_by_table"]) or precision in ("fp16", "bf16")
+    if model == "per-layer" and precision in ("int8-wo", "int4"):
         assert manifest["quantized_by_role"]["shortcut"] > 0  # 8-bit shortcuts
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
 

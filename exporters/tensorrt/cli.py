@@ -15,7 +15,7 @@ from pathlib import Path
 EXIT_NO_TENSORRT = 3  # bundle written, no engine: distinct from 2 (an error) so scripts can tell them apart
 
 DESCRIPTION = (
-    "Make the TensorRT-ready graph of a float32 ONNX export (FP16, INT8 Q/DQ or INT4 weight-only Q/DQ; checked "
+    "Make the TensorRT-ready graph of a float32 ONNX export (FP16, BF16, INT8 Q/DQ or INT4 weight-only Q/DQ; checked "
     "against the source in ONNX Runtime), write a deploy bundle (graph, tokenizer, build.sh for trtexec on TensorRT "
     "10.x/11.x, README), and build the engine with TensorRT's Python API when it is installed here."
 )
@@ -35,8 +35,8 @@ def add_build_engine_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("onnx_dir", help="a float32 ONNX export directory (slice2deploy export onnx MODEL -o DIR)")
     parser.add_argument("-o", "--output", required=True, help="bundle directory (must be empty or absent)")
     parser.add_argument("--precision", default="fp16", choices=[p.value for p in Precision],
-                        help="fp16, int8 (W8A8 Q/DQ), int8-wo (weight-only, per channel) or int4 (weight-only, "
-                             "blocked) (default fp16)")
+                        help="fp16, bf16 (checked on CPU through a float32 twin), int8 (W8A8 Q/DQ), int8-wo "
+                             "(weight-only, per channel) or int4 (weight-only, blocked) (default fp16)")
     parser.add_argument("--runtime", default=None, choices=[r.value for r in Runtime],
                         help="tensorrt (10.x/11.x, builds on the target GPU) or tensorrt-rtx (builds here, no GPU "
                              "needed, runs on RTX GPUs); default: whichever is installed, TensorRT first")
