@@ -215,13 +215,6 @@ def test_int4_graph_is_blocked_weight_only(trt_ready):
     model = onnx.load(str(out / "model.onnx"))
     inits = {t.name: t for t in model.graph.initializer}
     dequants = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    # the token-embedding table (embedding_bits 8, the weight-only default): INT8, one scale per row, read by a Gather
-    table = [n for n in dequants if n.name.endswith("/embedding_DequantizeLinear")]
-    assert len(table) == 1 and {n.op_type for n in model.graph.node if table[0].output[0] in n.input} == {"Gather"}
-    codes, row_scale = inits[table[0].input[0]], inits[table[0].input[1]]
-    assert codes.data_type == TensorProto.INT8 and list(row_scale.dims) == [codes.dims[0]]
-    assert {a.name: a.i for a in table[0].attribute} == {"axis": 0} and row_scale.data_type == TensorProto.FLOAT16
-    dequants.remove(table[0])
     assert len(dequants) == 14 and not any(n.op_type == "QuantizeLinear" for n in model.graph.node)
     for node in dequants:
         weight, scale = inits[node.input[0]], inits[node.input[1]]
@@ -230,6 +223,25 @@ def test_int4_graph_is_blocked_weight_only(trt_ready):
         assert list(scale.dims) == [weight.dims[0] // 32, weight.dims[1]]
         assert scale.data_type == TensorProto.FLOAT16 and len(node.input) == 2  # symmetric: no zero point
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
+
+
+def test_weight_only_embedding_table_is_int8_per_row(trt_ready, dense_onnx, tiny_text_file, tmp_path):
+    """embedding_bits 8 (the weight-only default): the Gather reads DequantizeLinear(INT8 table, one float16 scale per
+    row, axis 0) and no float table is left. A table tied to a float head stays 16-bit: the manifest says why."""
+    tied_float_head, _ = trt_ready("int4")
+    assert tied_float_head["embedding"]["bits"] == 16 and "tied head" in tied_float_head["embedding"]["reason"]
+    manifest = make_trt_ready(dense_onnx, tmp_path / "wo", _config(tiny_text_file, precision="int8-wo", head_bits=8))
+    model = onnx.load(str(tmp_path / "wo" / "model.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    table = [n for n in model.graph.node if n.name.endswith("/embedding_DequantizeLinear")]
+    assert len(table) == 1 and manifest["embedding"]["bits"] == 8 and manifest["embedding"]["table"] not in inits
+    assert {n.op_type for n in model.graph.node if table[0].output[0] in n.input} == {"Gather"}
+    codes, row_scale = inits[table[0].input[0]], inits[table[0].input[1]]
+    assert codes.data_type == TensorProto.INT8 and list(row_scale.dims) == [codes.dims[0]]
+    assert {a.name: a.i for a in table[0].attribute} == {"axis": 0} and row_scale.data_type == TensorProto.FLOAT16
+    assert not [t for t in model.graph.initializer if list(t.dims) == list(codes.dims) and t is not codes]
+    assert manifest["qdq"]["DequantizeLinear"] == manifest["quantized_matmuls"] + 1
+    assert manifest["validation"]["logits_snr_db"] >= manifest["validation"]["snr_floor_db"]
 
 
 def test_keep_float_leaves_named_matmuls_unquantized(dense_onnx, tiny_text_file, tmp_path):

@@ -227,7 +227,8 @@ class TrtBuildConfig:
     head_bits: int | None = None  # weight-only graphs: 8 or 4 (the head untied from a tied embedding)
     # The token-embedding table the Gather reads: 8 = INT8, one symmetric scale per vocabulary row (the weight-only
     # default: TensorRT-RTX keeps it INT8, e.g. 28 MB instead of 57 MB for SmolLM2's 49152 x 576), 16 = the graph's
-    # 16-bit float (the only choice for fp16/bf16/int8). None: 8 for weight-only precisions, else 16. Checked with
+    # 16-bit float (the only choice for fp16/bf16/int8). None: 8 for weight-only precisions, else 16. A table tied to
+    # a head kept in float stays 16-bit (an INT8 copy would add bytes); the manifest's "embedding" says so. Checked with
     # TensorRT-RTX 1.7.1's builder (exporters.tensorrt.weight_only); TensorRT 10/11 cannot be installed here, so for
     # them it is unverified.
     embedding_bits: int | None = None

@@ -48,7 +48,7 @@ def _write_graph(model_path: Path, target: Path, config: TrtBuildConfig, referen
         bits = {str(b): sum(c.bits == b for c in choices) for b in sorted({c.bits for c in choices})}
     else:
         model, chosen, skipped = _quantize(model_path, target, config, reference, samples)
-    embedding = quantize_embedding(model) if config.embedding_bits == 8 else None
+    embedding = quantize_embedding(model) if config.embedding_bits == 8 else {"bits": 16}
     if config.quant_mode:
         _require_opset(model, QDQ_OPSET)
         chosen, missed = _check_quantized(model, chosen, _node_outputs(model_path), config.precision)
@@ -56,7 +56,7 @@ def _write_graph(model_path: Path, target: Path, config: TrtBuildConfig, referen
     convert = convert_bf16 if config.precision is Precision.BF16 else convert_fp16
     save_model(convert(model, config.head_in_float32), target, large)
     report = {"quantized_matmuls": len(chosen), "quantized_by_role": count_roles(chosen), "unquantized": skipped,
-              "unquantized_count": len(skipped), "embedding_int8": embedding}
+              "unquantized_count": len(skipped), "embedding": embedding}
     return {**report, "weight_bits": bits} if bits else report
 
 

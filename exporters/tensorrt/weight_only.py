@@ -116,16 +116,23 @@ def _insert_dequantize(model, node_name: str, weight, scale, block_size: int | N
         del model.graph.initializer[position]
 
 
-def quantize_embedding(model) -> str | None:
+def quantize_embedding(model) -> dict:
     """Store the token-embedding table the Gather reads as INT8 with per-row scales, in place: the Gather reads
-    ``DequantizeLinear(table_int8, scale, axis=0)``. Other readers of the float table (a tied head kept in float)
-    keep reading it; the float initializer goes when nothing does. Returns the table's name, or None if the graph
-    has no Gather of a float table."""
+    ``DequantizeLinear(table_int8, scale, axis=0)`` and the float initializer goes. Returns what was done, for the
+    manifest: ``{"table", "bits": 8}``, or ``{"table", "bits": 16, "reason"}`` when the table was left as it was.
+
+    A table that something besides the Gather reads (a tied head kept in float) is left alone: the graph would hold
+    an INT8 copy next to the float one and grow, not shrink."""
     from onnx import helper, numpy_helper
 
     name = embedding_table(model)
     if name is None:
-        return None
+        return {"table": None, "bits": 16, "reason": "no Gather of a float32 table in the graph"}
+    readers = {n.op_type for n in model.graph.node if name in n.input}
+    if readers != {"Gather"}:
+        return {"table": name, "bits": 16, "reason": f"also read by {', '.join(sorted(readers - {'Gather'}))} (a tied "
+                "head kept in float): an INT8 copy would add to it; quantize the head (head_bits / --head-bits 8) to "
+                "untie it"}
     table = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name)).astype(np.float32)
     codes, scale = int8_tensors(table.T, name)  # per output channel of the (hidden, vocab) transpose = per row
     codes = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(codes).T), codes.name)
@@ -136,10 +143,9 @@ def quantize_embedding(model) -> str | None:
     model.graph.node.insert(min(list(model.graph.node).index(g) for g in gathers), dequantize)
     for gather in gathers:
         gather.input[0] = dequantize.output[0]
-    if not any(name in other.input for other in model.graph.node):
-        position = next(i for i, init in enumerate(model.graph.initializer) if init.name == name)
-        del model.graph.initializer[position]
-    return name
+    position = next(i for i, init in enumerate(model.graph.initializer) if init.name == name)
+    del model.graph.initializer[position]
+    return {"table": name, "bits": 8}
 
 
 def _grams(model_path: Path, model, choices: list[WeightOnlyChoice], config: TrtBuildConfig,
