@@ -111,8 +111,10 @@ def run_build_engine(args: argparse.Namespace) -> int:
     manifest = write_bundle(args.onnx_dir, args.output, config, overwrite=args.overwrite)
     out = Path(manifest["output"])
     quality = manifest["validation"]
+    twin = " (measured on its float32 twin: ONNX Runtime's CPU provider runs no bfloat16)" if "measured_on" in quality \
+        else ""
     print(f"wrote TensorRT bundle {out} ({config.precision.value}, profile {config.profile.value}); graph vs float32 "
-          f"source: logits SNR {quality['logits_snr_db']:.1f} dB, max |Δ| {quality['max_rel_diff']:.2%} of scale")
+          f"source: logits SNR {quality['logits_snr_db']:.1f} dB, max |Δ| {quality['max_rel_diff']:.2%} of scale{twin}")
     if args.bundle_only:
         print(f"build the engine on the target: {out / 'build.sh'}")
         return 0
