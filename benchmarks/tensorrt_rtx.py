@@ -1,10 +1,12 @@
 """TensorRT-RTX engines built ahead of time on this CPU-only machine: SmolLM2 dense / per-layer / uniform slices at
-fp16, INT8 weight-only and INT4 weight-only.
+fp16, INT8 weight-only and INT4 weight-only (and bf16 on request: ``--precision bf16``).
 
 For every (model, precision): the TensorRT-ready graph (made and validated against its float32 source in ONNX
 Runtime), the engine built by TensorRT-RTX for the default RTX targets (build seconds on this machine's shared CPU
 cores, engine MB on disk), the network report's summary, and the perplexity of the TensorRT-ready graph in ONNX
-Runtime on the built-in evaluation text against its float32 source. The engines are not run: that needs an RTX GPU.
+Runtime on the built-in evaluation text against its float32 source (for bf16: of its float32 twin, which rounds
+every bfloat16 tensor; ONNX Runtime's CPU provider cannot run bfloat16 MatMuls). The engines are not run: that needs
+an RTX GPU.
 
     python -m benchmarks.tensorrt_rtx --model dense=DIR --model per-layer-25=DIR --model uniform-25=DIR \\
         --work /tmp/trtx-bench --max-eval-tokens 4096
@@ -26,9 +28,11 @@ from benchmarks.suite.results import RESULTS
 
 NAME = "tensorrt_rtx_cpu_smollm2"
 # The weight-only recipes: the ONNX Runtime INT4 path's quality tools (GPTQ 4-bit, 8-bit down_proj and residual
-# shortcuts, fp16 embedding) plus an 8-bit head untied from the tied embedding (fp16 table for the Gather).
+# shortcuts) plus an 8-bit head untied from the tied embedding; the table the Gather reads is INT8 with per-row scales
+# (TrtBuildConfig.embedding_bits, 8 by default for weight-only; records made before it existed had a float16 table).
 PRECISIONS = {
     "fp16": {"precision": "fp16"},
+    "bf16": {"precision": "bf16"},  # perplexity measured on its float32 twin (exporters.tensorrt.bf16)
     "int8-wo": {"precision": "int8-wo", "shortcuts": "weight-int8", "head_bits": 8},
     "int4-wo": {"precision": "int4", "int4_method": "gptq", "weight_int8": ["down_proj"], "shortcuts": "weight-int8",
                 "head_bits": 8},
@@ -57,7 +61,14 @@ def run_one(model: str, source: Path, precision: str, args: argparse.Namespace, 
     engine = args.work / "engines" / f"{model}-{precision}" / "model.engine"
     engine.parent.mkdir(parents=True, exist_ok=True)
     sidecar = build_rtx_engine(ready, engine, config)
-    ppl = perplexity(ready, tokens, args.max_eval_tokens)
+    if config.precision.value == "bf16":  # ONNX Runtime's CPU provider cannot run the bfloat16 graph itself
+        from exporters.tensorrt.bf16 import write_float32_twin
+
+        twin = write_float32_twin(ready, args.work / f"{model}-{precision}-twin")
+        ppl = perplexity(twin, tokens, args.max_eval_tokens)
+        shutil.rmtree(twin)
+    else:
+        ppl = perplexity(ready, tokens, args.max_eval_tokens)
     return {
         "model": model, "precision": precision, "config": config.to_dict(),
         "graph_seconds": round(graph_seconds, 1), "build_seconds": sidecar["build_seconds"],
@@ -72,17 +83,23 @@ def run_one(model: str, source: Path, precision: str, args: argparse.Namespace, 
 
 def report(records: list[dict]) -> str:
     fp16 = {r["model"]: r["engine_mb"] for r in records if r["precision"] == "fp16"}
-    rows = ["| model | precision | build s | engine MB | vs fp16 engine | MatMul weights (INT4/INT8/float) | "
-            "weight MB by type | logits SNR dB | perplexity | float32 source | vs source |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    first = {}
+    for r in records:
+        first.setdefault(r["model"], len(first))
+    records = sorted(records, key=lambda r: first[r["model"]])  # grouped by model, in the order they were run
+    rows = ["| model | precision | embedding bits | build s | engine MB | vs fp16 engine | MatMul weights "
+            "(INT4/INT8/float) | weight MB by type | logits SNR dB | perplexity | float32 source | vs source |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         kinds = r["network"]["matmuls_by_weight"]
-        mm = f"{kinds.get('INT4', 0)}/{kinds.get('INT8', 0)}/{kinds.get('HALF', 0) + kinds.get('FLOAT', 0)}"
+        floats = sum(kinds.get(k, 0) for k in ("HALF", "BF16", "FLOAT"))
+        mm = f"{kinds.get('INT4', 0)}/{kinds.get('INT8', 0)}/{floats}"
         weights = ", ".join(f"{k} {v:.0f}" for k, v in r["network"]["weight_mb_by_type"].items() if v >= 1)
         ratio = f"{r['engine_mb'] / fp16[r['model']]:.2f}x" if r["model"] in fp16 else "-"
-        rows.append(f"| {r['model']} | {r['precision']} | {r['build_seconds']:.1f} | {r['engine_mb']:.1f} | {ratio} | "
-                    f"{mm} | {weights} | {r['logits_snr_db']:.1f} | {r['perplexity']:.2f} | "
-                    f"{r['float_perplexity']:.2f} | {r['ppl_vs_float']:+.1%} |")
+        embedding = r["config"].get("embedding_bits") or 16  # records older than the option: float16
+        rows.append(f"| {r['model']} | {r['precision']} | {embedding} | {r['build_seconds']:.1f} | "
+                    f"{r['engine_mb']:.1f} | {ratio} | {mm} | {weights} | {r['logits_snr_db']:.1f} | "
+                    f"{r['perplexity']:.2f} | {r['float_perplexity']:.2f} | {r['ppl_vs_float']:+.1%} |")
     m = records[0]["machine"] if records else {}
     return (f"# TensorRT-RTX engines built without a GPU: SmolLM2-135M\n\nTensorRT-RTX "
             f"{records[0]['tensorrt_rtx'] if records else '?'}, ahead-of-time build for compute capabilities "

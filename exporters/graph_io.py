@@ -79,6 +79,17 @@ def count_roles(matmuls: Iterable) -> dict[str, int]:
     return roles
 
 
+def embedding_table(model) -> str | None:
+    """The token-embedding table: the largest 2-D float32 initializer a Gather reads rows of (None if there is none).
+    Position tables (GPT-2's wpe) are Gathers of initializers too; the token table is the larger one."""
+    from onnx import TensorProto
+
+    inits = {t.name: t for t in model.graph.initializer}
+    tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
+              and inits[n.input[0]].data_type == TensorProto.FLOAT and len(inits[n.input[0]].dims) == 2}
+    return max(sorted(tables), key=lambda t: int(np.prod(inits[t].dims)), default=None)
+
+
 HEAD_WEIGHT = "lm_head.weight.untied"  # the initializer an untied head reads
 
 
@@ -108,4 +119,4 @@ def untie_head(model) -> bool:
 
 
 __all__ = ["EXTERNAL_DATA_BYTES", "HEAD_WEIGHT", "PrefillReader", "calibration_samples", "copy_side_files",
-           "count_roles", "is_large", "prefill_feeds", "save_model", "untie_head"]
+           "count_roles", "embedding_table", "is_large", "prefill_feeds", "save_model", "untie_head"]

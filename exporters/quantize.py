@@ -28,6 +28,7 @@ from .graph_io import (
     calibration_samples,
     copy_side_files,
     count_roles,
+    embedding_table,
     is_large,
     prefill_feeds,
     save_model,
@@ -350,13 +351,10 @@ def _embedding_to_float16(source: Path, target: Path) -> None:
     from onnx import TensorProto, helper, numpy_helper
 
     model = onnx.load(str(source))
-    initializers = {t.name: t for t in model.graph.initializer}
-    tables = [n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in initializers
-              and initializers[n.input[0]].data_type == TensorProto.FLOAT and len(initializers[n.input[0]].dims) == 2]
-    if not tables:
+    name = embedding_table(model)
+    if name is None:
         raise UserInputError("embedding_dtype: no float token-embedding table (Gather of an initializer) found")
-    name = max(set(tables), key=lambda t: np.prod(initializers[t].dims))
-    table = initializers[name]
+    table = next(t for t in model.graph.initializer if t.name == name)
     half = numpy_helper.from_array(numpy_helper.to_array(table).astype(np.float16), name=f"{name}.float16")
     model.graph.initializer.remove(table)
     model.graph.initializer.append(half)

@@ -122,22 +122,49 @@ def _types(model) -> dict[str, int]:
     return types
 
 
-def _check_float_placement(model) -> None:
-    """float16 everywhere except what TensorRT must compute in float32; KV cache float16, logits float32."""
+def _check_float_placement(model, half: int = TensorProto.FLOAT16) -> None:
+    """float16 (or ``half``) everywhere except what TensorRT must compute in float32; KV cache in ``half``, logits
+    float32."""
     graph, types = model.graph, _types(model)
     io_types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]}
     assert io_types["logits"] == TensorProto.FLOAT
-    assert all(io_types[name] == TensorProto.FLOAT16 for name in io_types if name.startswith(("past_", "present.")))
+    assert all(io_types[name] == half for name in io_types if name.startswith(("past_", "present.")))
     producers = {out: node for node in graph.node for out in node.output}
     for node in graph.node:
         if node.op_type in ("Softmax", "Pow", "ReduceMean", "Sqrt", "Cos", "Sin"):
             assert types[node.input[0]] == TensorProto.FLOAT, node.name
         if node.op_type == "MatMul" and "lm_head" not in node.name:
-            assert types[node.input[0]] == TensorProto.FLOAT16, node.name
+            assert types[node.input[0]] == half, node.name
         if node.op_type == "Cast":  # no float32 -> float16 -> float32 round trips left by the converter
             assert producers.get(node.input[0]) is None or producers[node.input[0]].op_type != "Cast", node.name
     head = next(n for n in graph.node if n.op_type == "MatMul" and "lm_head" in n.name)
     assert all(types[name] == TensorProto.FLOAT for name in head.input)
+
+
+def test_bf16_graph_is_checked_through_its_float32_twin(trt_ready, tmp_path):
+    """bf16: the FP16 graph's float32 placement with bfloat16 for float16; ONNX Runtime's CPU provider cannot run it
+    (no bfloat16 MatMul), so the gate measured its float32 twin, which rounds every bfloat16 tensor."""
+    from exporters.tensorrt.bf16 import BFLOAT16, from_bfloat16_bits, to_bfloat16_bits, write_float32_twin
+
+    values = torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 100
+    assert np.array_equal(from_bfloat16_bits(to_bfloat16_bits(values.numpy())),
+                          values.to(torch.bfloat16).float().numpy())  # round to nearest even, as torch does
+    manifest, out = trt_ready("bf16")
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    model = onnx.load(str(out / "model.onnx"))
+    _check_float_placement(model, half=BFLOAT16)
+    assert TensorProto.FLOAT16 not in set(_types(model).values())
+    assert {t.data_type for t in model.graph.initializer if t.dims} <= {BFLOAT16, TensorProto.FLOAT,
+                                                                        TensorProto.INT64}
+    quality, fp16_quality = manifest["validation"], trt_ready("fp16")[0]["validation"]
+    assert "float32 twin" in quality["measured_on"] and quality["logits_snr_db"] >= quality["snr_floor_db"] == 25
+    # bfloat16 keeps 8 mantissa bits to float16's 11: ~18 dB less SNR when the twin really rounds every tensor
+    assert 10 < fp16_quality["logits_snr_db"] - quality["logits_snr_db"] < 30
+    twin = write_float32_twin(out, tmp_path / "twin")
+    casts = [n for n in onnx.load(str(twin / "model.onnx")).graph.node if n.op_type == "Cast"
+             and n.attribute[0].i == BFLOAT16]
+    assert casts and all(n.name.endswith("/round_to_bfloat16") for n in casts)
+    assert OrtCausalLM(twin).forward(np.array([[1, 5, 7]]))[0].shape == (1, 3, 96)
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
@@ -198,6 +225,25 @@ def test_int4_graph_is_blocked_weight_only(trt_ready):
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
 
 
+def test_weight_only_embedding_table_is_int8_per_row(trt_ready, dense_onnx, tiny_text_file, tmp_path):
+    """embedding_bits 8 (the weight-only default): the Gather reads DequantizeLinear(INT8 table, one float16 scale per
+    row, axis 0) and no float table is left. A table tied to a float head stays 16-bit: the manifest says why."""
+    tied_float_head, _ = trt_ready("int4")
+    assert tied_float_head["embedding"]["bits"] == 16 and "tied head" in tied_float_head["embedding"]["reason"]
+    manifest = make_trt_ready(dense_onnx, tmp_path / "wo", _config(tiny_text_file, precision="int8-wo", head_bits=8))
+    model = onnx.load(str(tmp_path / "wo" / "model.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    table = [n for n in model.graph.node if n.name.endswith("/embedding_DequantizeLinear")]
+    assert len(table) == 1 and manifest["embedding"]["bits"] == 8 and manifest["embedding"]["table"] not in inits
+    assert {n.op_type for n in model.graph.node if table[0].output[0] in n.input} == {"Gather"}
+    codes, row_scale = inits[table[0].input[0]], inits[table[0].input[1]]
+    assert codes.data_type == TensorProto.INT8 and list(row_scale.dims) == [codes.dims[0]]
+    assert {a.name: a.i for a in table[0].attribute} == {"axis": 0} and row_scale.data_type == TensorProto.FLOAT16
+    assert not [t for t in model.graph.initializer if list(t.dims) == list(codes.dims) and t is not codes]
+    assert manifest["qdq"]["DequantizeLinear"] == manifest["quantized_matmuls"] + 1
+    assert manifest["validation"]["logits_snr_db"] >= manifest["validation"]["snr_floor_db"]
+
+
 def test_keep_float_leaves_named_matmuls_unquantized(dense_onnx, tiny_text_file, tmp_path):
     manifest = make_trt_ready(dense_onnx, tmp_path / "int8", _config(tiny_text_file, precision="int8",
                                                                        keep_float=["down_proj"]))
@@ -216,7 +262,7 @@ def test_int4_reports_what_the_quantizer_left_in_float(tiny_text_file, tmp_path)
     manifest = make_trt_ready(source, tmp_path / "int4", _config(tiny_text_file, precision="int4", int4_block_size=16))
     left = [u for u in manifest["unquantized"] if "Gemm" in u["reason"]]
     assert left and manifest["quantized_matmuls"] + manifest["unquantized_count"] == 13  # 12 linears + the head
-    assert manifest["qdq"]["DequantizeLinear"] == manifest["quantized_matmuls"]
+    assert manifest["qdq"]["DequantizeLinear"] == manifest["quantized_matmuls"] + 1  # + the INT8 embedding table
     model = onnx.load(str(tmp_path / "int4" / "model.onnx"))
     types = _types(model)
     norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
@@ -303,7 +349,8 @@ def test_config_validation_and_round_trip():
     assert TrtBuildConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert config.resolved_profile().workspace_mib == 512
     assert TrtBuildConfig().snr_floor == 30.0 and config.snr_floor == 8.0
-    for bad, match in [({"precision": "fp8"}, "fp16, int8, int4"), ({"profile": "tpu"}, "rtx, datacenter, jetson"),
+    for bad, match in [({"precision": "fp8"}, "fp16, bf16, int8, int4"),
+                       ({"profile": "tpu"}, "rtx, datacenter, jetson"),
                        ({"int4_block_size": 24}, "16, 32, 64, 128, 256"), ({"workspace_mib": 8}, "at least 64")]:
         with pytest.raises(UserInputError, match=match):
             TrtBuildConfig(**bad)

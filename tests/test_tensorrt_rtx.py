@@ -15,6 +15,7 @@ import onnx
 import pytest
 import torch
 
+from exporters.graph_io import embedding_table
 from exporters.onnx import OnnxExportConfig, export_onnx
 from exporters.tensorrt import ENGINE_FILE, TrtBuildConfig, make_trt_ready
 from exporters.tensorrt.rtx import NETWORK_REPORT_FILE, GraphRefused, refusal, tensorrt_rtx_available
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.skipif(not tensorrt_rtx_available(),
                                 reason="TensorRT-RTX is not installed (pip install 'slice2deploy[tensorrt-rtx]')")
 PRECISIONS = {
     "fp16": {},
+    "bf16": {},
     "int8-wo": {"shortcuts": "weight-int8", "head_bits": 8},
     "int4": {"int4_method": "gptq", "weight_int8": ["down_proj"], "shortcuts": "weight-int8", "head_bits": 8},
 }
@@ -72,16 +74,73 @@ def test_engine_builds_without_a_gpu(sources, tiny_text_file, tmp_path, model, p
     assert json.loads(sidecar_path(engine).read_text()) == sidecar
     summary = json.loads((tmp_path / NETWORK_REPORT_FILE).read_text())["summary"]
     kinds = summary["matmuls_by_weight"]
-    if precision == "fp16":
+    if precision in ("fp16", "bf16"):  # strongly typed: the graph's 16-bit float reaches the builder as written
         assert summary["dequantize_layers"] == 0 and "INT4" not in kinds and "INT8" not in kinds
+        half, other = ("HALF", "BF16") if precision == "fp16" else ("BF16", "HALF")
+        assert kinds[half] > 0 and other not in kinds and other not in summary["weight_mb_by_type"]
     else:  # every MatMul the manifest counts as quantized reaches the builder as INT4/INT8 weights
         assert kinds.get("INT4", 0) + kinds.get("INT8", 0) == manifest["quantized_matmuls"] > 0
         assert summary["quantize_layers"] == 0  # weight-only: no activation quantization
         assert (kinds.get("INT4", 0) > 0) == (precision == "int4")
         assert manifest["validation"]["logits_snr_db"] >= manifest["validation"]["snr_floor_db"]
-    if model == "per-layer" and precision != "fp16":
+        assert manifest["embedding"]["bits"] == 8 and summary["gathers_by_table"] == {"INT8": 1}  # the default
+    assert not {"HALF", "FLOAT"} & set(summary["gathers_by_table"]) or precision in ("fp16", "bf16")
+    if model == "per-layer" and precision in ("int8-wo", "int4"):
         assert manifest["quantized_by_role"]["shortcut"] > 0  # 8-bit shortcuts
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+
+@pytest.mark.parametrize(("tied", "head_bits"), [(True, 8), (False, None), (True, None)])
+def test_int8_embedding_table_stays_int8_in_the_engine(sources, tiny_text_file, tmp_path, tied, head_bits):
+    """embedding_bits 8 vs 16 on the same int8-wo graph: the Gather reads an INT8 table (per-row scales) and the
+    network holds no 16-bit copy of it; the ONNX Runtime logits of the TensorRT-ready graph stay above the SNR floor
+    (make_trt_ready raises below it). A table tied to a float head is left 16-bit, with the reason recorded."""
+    from exporters.tensorrt.rtx import build_rtx_engine
+
+    source_dir = sources["dense"]  # the tiny Llama ties its head to the embedding, as SmolLM2 does
+    if not tied:
+        source_dir = tmp_path / "untied"
+        export_onnx(tiny_model("llama", tie_word_embeddings=False), tiny_tokenizer(), source_dir, OnnxExportConfig())
+    source = onnx.load(str(source_dir / "model.onnx"))
+    name = embedding_table(source)
+    vocab, hidden = next(list(t.dims) for t in source.graph.initializer if t.name == name)
+    found = {}
+    for bits in (16, 8):
+        config = _config(tiny_text_file, "int8-wo", head_bits=head_bits, embedding_bits=bits)
+        manifest = make_trt_ready(source_dir, tmp_path / f"ready{bits}", config)
+        sidecar = build_rtx_engine(tmp_path / f"ready{bits}", tmp_path / f"e{bits}" / ENGINE_FILE, config)
+        report = json.loads((tmp_path / f"e{bits}" / NETWORK_REPORT_FILE).read_text())
+        assert manifest["validation"]["logits_snr_db"] >= manifest["validation"]["snr_floor_db"]
+        assert sidecar["build_config"]["embedding_bits"] == bits == manifest["config"]["embedding_bits"]
+        found[bits] = (manifest, report["summary"])
+    (manifest8, summary8), (manifest16, summary16) = found[8], found[16]
+    assert summary16["gathers_by_table"] == {"HALF": 1} and manifest16["embedding"] == {"bits": 16}
+    if tied and head_bits is None:  # an INT8 copy next to the float table the head reads would only add bytes
+        assert manifest8["embedding"]["bits"] == 16 and "--head-bits 8" in manifest8["embedding"]["reason"]
+        assert summary8["weight_mb_by_type"] == summary16["weight_mb_by_type"]
+        return
+    assert summary8["gathers_by_table"] == {"INT8": 1} and manifest8["embedding"] == {"table": name, "bits": 8}
+    table_mb = vocab * hidden / 1e6
+    float_mb = {bits: s["weight_mb_by_type"].get("HALF", 0) + s["weight_mb_by_type"].get("FLOAT", 0)
+                for bits, s in ((8, summary8), (16, summary16))}
+    int8_mb = summary8["weight_mb_by_type"]["INT8"] - summary16["weight_mb_by_type"]["INT8"]
+    assert int8_mb == pytest.approx(table_mb, abs=1e-3)  # the table, 1 byte per entry
+    scales_mb = 2 * vocab / 1e6  # one float16 scale per row
+    assert float_mb[16] - float_mb[8] == pytest.approx(2 * table_mb - scales_mb, abs=1e-3)  # float16 table gone
+    # the gate's floor for int8-wo is 15 dB; per-row INT8 rows cost the tiny model ~3 dB of its ~45 (a wrong scale
+    # axis or sign would land far below 30)
+    assert manifest8["validation"]["logits_snr_db"] > 30
+
+
+def test_embedding_bits_are_validated():
+    assert TrtBuildConfig(precision="int4").embedding_bits == 8 == TrtBuildConfig(precision="int8-wo").embedding_bits
+    assert TrtBuildConfig().embedding_bits == 16 == TrtBuildConfig(precision="int8").embedding_bits
+    with pytest.raises(UserInputError, match="weight-only"):
+        TrtBuildConfig(precision="fp16", embedding_bits=8)
+    with pytest.raises(UserInputError, match="8 or 16"):
+        TrtBuildConfig(precision="int4", embedding_bits=4)
+    config = TrtBuildConfig(precision="int4", embedding_bits=16)
+    assert TrtBuildConfig.from_dict(config.to_dict()) == config
 
 
 def test_weight_stripped_engine_is_refused_where_it_cannot_be_built(sources, tiny_text_file, tmp_path):

@@ -45,6 +45,7 @@ _EXPORTS = {
                "datacenter_profile", "graph_inputs", "input_shapes", "jetson_profile", "profile_preset",
                "rtx_profile"],
     "fp16": ["convert_fp16", "float32_nodes"],
+    "bf16": ["convert_bf16", "float32_twin", "write_float32_twin"],
     "qdq": ["qdq_report", "quantize_int4_qdq", "quantize_int8_qdq"],
     "ready": ["make_trt_ready", "validate_against_source"],
     "sidecar": ["check_engine_compatibility", "check_trt_major", "current_device", "make_sidecar", "onnx_digest",

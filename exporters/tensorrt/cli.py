@@ -15,7 +15,7 @@ from pathlib import Path
 EXIT_NO_TENSORRT = 3  # bundle written, no engine: distinct from 2 (an error) so scripts can tell them apart
 
 DESCRIPTION = (
-    "Make the TensorRT-ready graph of a float32 ONNX export (FP16, INT8 Q/DQ or INT4 weight-only Q/DQ; checked "
+    "Make the TensorRT-ready graph of a float32 ONNX export (FP16, BF16, INT8 Q/DQ or INT4 weight-only Q/DQ; checked "
     "against the source in ONNX Runtime), write a deploy bundle (graph, tokenizer, build.sh for trtexec on TensorRT "
     "10.x/11.x, README), and build the engine with TensorRT's Python API when it is installed here."
 )
@@ -35,8 +35,8 @@ def add_build_engine_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("onnx_dir", help="a float32 ONNX export directory (slice2deploy export onnx MODEL -o DIR)")
     parser.add_argument("-o", "--output", required=True, help="bundle directory (must be empty or absent)")
     parser.add_argument("--precision", default="fp16", choices=[p.value for p in Precision],
-                        help="fp16, int8 (W8A8 Q/DQ), int8-wo (weight-only, per channel) or int4 (weight-only, "
-                             "blocked) (default fp16)")
+                        help="fp16, bf16 (checked on CPU through a float32 twin), int8 (W8A8 Q/DQ), int8-wo "
+                             "(weight-only, per channel) or int4 (weight-only, blocked) (default fp16)")
     parser.add_argument("--runtime", default=None, choices=[r.value for r in Runtime],
                         help="tensorrt (10.x/11.x, builds on the target GPU) or tensorrt-rtx (builds here, no GPU "
                              "needed, runs on RTX GPUs); default: whichever is installed, TensorRT first")
@@ -67,6 +67,9 @@ def add_build_engine_parser(subparsers) -> argparse.ArgumentParser:
                        help="residual shortcut matrices of sliced models (default float)")
     quant.add_argument("--head-bits", type=int, default=None, choices=[4, 8],
                        help="weight-only graphs: quantize the head (untied from a tied embedding) to 4 or 8 bits")
+    quant.add_argument("--embedding-bits", type=int, default=None, choices=[8, 16],
+                       help="weight-only graphs: the token-embedding table as INT8 with one scale per row (8, the "
+                            "default for int8-wo and int4) or float16 (16, the only choice for fp16 and int8)")
     quant.add_argument("--gptq-samples", type=int, default=defaults.gptq_samples,
                        help=f"GPTQ calibration sequences (default {defaults.gptq_samples})")
     quant.add_argument("--gptq-seqlen", type=int, default=defaults.gptq_seqlen,
@@ -102,13 +105,16 @@ def run_build_engine(args: argparse.Namespace) -> int:
                             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                             timing_cache=args.timing_cache, device_index=args.device_index,
                             int4_method=args.int4_method, weight_int8=args.weight_int8, shortcuts=args.shortcuts,
-                            head_bits=args.head_bits, gptq_samples=args.gptq_samples, gptq_seqlen=args.gptq_seqlen,
+                            head_bits=args.head_bits, embedding_bits=args.embedding_bits,
+                            gptq_samples=args.gptq_samples, gptq_seqlen=args.gptq_seqlen,
                             runtime=args.runtime, target_cc=args.target_cc, strip_weights=args.strip_weights)
     manifest = write_bundle(args.onnx_dir, args.output, config, overwrite=args.overwrite)
     out = Path(manifest["output"])
     quality = manifest["validation"]
+    twin = " (measured on its float32 twin: ONNX Runtime's CPU provider runs no bfloat16)" if "measured_on" in quality \
+        else ""
     print(f"wrote TensorRT bundle {out} ({config.precision.value}, profile {config.profile.value}); graph vs float32 "
-          f"source: logits SNR {quality['logits_snr_db']:.1f} dB, max |Δ| {quality['max_rel_diff']:.2%} of scale")
+          f"source: logits SNR {quality['logits_snr_db']:.1f} dB, max |Δ| {quality['max_rel_diff']:.2%} of scale{twin}")
     if args.bundle_only:
         print(f"build the engine on the target: {out / 'build.sh'}")
         return 0

@@ -30,6 +30,11 @@ SUPPORTED_TRT_MAJORS = (10, 11)
 # lacking float16 kernels (Pow, ReduceMean, Cos...) in float32, so it cannot see every float16 hazard TensorRT would
 # hit: the float32 regions below are placed structurally, not tuned on this number.
 FP16_SNR_FLOOR_DB = 30.0
+# BF16: bfloat16 keeps 8 significant bits to float16's 11, ~18 dB less SNR for each rounding, and more where the
+# residual stream is rounded layer after layer. Measured on the float32 twin (exporters.tensorrt.bf16): 46.3 dB on the
+# tiny Llama (its fp16 graph: 68.8), 35.2 dB on SmolLM2-135M (fp16: 62.0) with perplexity +0.05 % against float32.
+# The floor sits 10 dB under the model measured, so deeper models are not refused for bfloat16 itself.
+BF16_SNR_FLOOR_DB = 25.0
 FP16_MAX_REL_DIFF = 2e-2
 # Values are clamped to ±1e4 when cast to float16 (onnxconverter-common's default; onnxruntime's is 65504): the
 # attention mask's additive float32-min becomes -1e4, so mask + mask or mask + score stays finite in float16 (at
@@ -61,6 +66,7 @@ class TrtReadyQualityError(Slice2DeployError):
 
 class Precision(str, Enum):
     FP16 = "fp16"  # float16 graph, norms/softmax/RoPE/logits in float32
+    BF16 = "bf16"  # the same in bfloat16 (checked on CPU through a float32 twin: exporters.tensorrt.bf16)
     INT8 = "int8"  # W8A8: Q/DQ on weight MatMuls (weights per channel, activations per tensor), float16 elsewhere
     INT4 = "int4"  # W4A16: blocked INT4 weight DequantizeLinear, float16 elsewhere
     INT8_WO = "int8-wo"  # W8A16: per-channel INT8 weight DequantizeLinear (weight-only), float16 elsewhere
@@ -214,11 +220,18 @@ class TrtBuildConfig:
     device_index: int = 0
     # Weight-only graphs (int4, int8-wo) take exporters.quantize's quality tools: GPTQ for the 4-bit weights,
     # 8-bit storage for outlier-heavy MatMuls (weight_int8 patterns, e.g. down_proj) and residual shortcuts, and
-    # an untied head at head_bits (None: float) so the embedding table becomes float16.
+    # an untied head at head_bits (None: float) so the embedding table is stored on its own (embedding_bits).
     int4_method: str = "rtn"  # rtn | gptq
     weight_int8: list[str] = field(default_factory=list)
     shortcuts: str = "float"  # float | weight-int8 (weight-only graphs) | same
     head_bits: int | None = None  # weight-only graphs: 8 or 4 (the head untied from a tied embedding)
+    # The token-embedding table the Gather reads: 8 = INT8, one symmetric scale per vocabulary row (the weight-only
+    # default: TensorRT-RTX keeps it INT8, e.g. 28 MB instead of 57 MB for SmolLM2's 49152 x 576), 16 = the graph's
+    # 16-bit float (the only choice for fp16/bf16/int8). None: 8 for weight-only precisions, else 16. A table tied to
+    # a head kept in float stays 16-bit (an INT8 copy would add bytes); the manifest's "embedding" says so. Checked with
+    # TensorRT-RTX 1.7.1's builder (exporters.tensorrt.weight_only); TensorRT 10/11 cannot be installed here, so for
+    # them it is unverified.
+    embedding_bits: int | None = None
     gptq_samples: int = 32
     gptq_seqlen: int = 512
     gptq_damp: float = 0.01
@@ -246,6 +259,13 @@ class TrtBuildConfig:
         if weight_only_options and self.precision not in WEIGHT_ONLY:
             raise UserInputError("int4_method, weight_int8 and head_bits apply to the weight-only precisions "
                                  f"(int4, int8-wo), not {self.precision.value}")
+        if self.embedding_bits is None:
+            self.embedding_bits = 8 if self.precision in WEIGHT_ONLY else 16
+        if self.embedding_bits not in (8, 16):
+            raise UserInputError(f"embedding_bits must be 8 or 16, got {self.embedding_bits!r}")
+        if self.embedding_bits == 8 and self.precision not in WEIGHT_ONLY:
+            raise UserInputError(f"embedding_bits=8 (an INT8 embedding table) applies to the weight-only precisions "
+                                 f"(int4, int8-wo), not {self.precision.value}; use 16")
         if self.workspace_mib is not None and (isinstance(self.workspace_mib, bool) or self.workspace_mib < 64):
             raise UserInputError(f"workspace_mib must be at least 64, got {self.workspace_mib}")
         self.quant_config()  # validates block size and calibration sizes with exporters.quantize's rules
@@ -273,6 +293,8 @@ class TrtBuildConfig:
     def snr_floor(self) -> float:
         if self.snr_floor_db is not None:
             return self.snr_floor_db
+        if self.precision is Precision.BF16:
+            return BF16_SNR_FLOOR_DB
         return FP16_SNR_FLOOR_DB if self.quant_mode is None else SNR_FLOOR_DB[self.quant_mode]
 
     def quant_config(self) -> QuantConfig:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,6 +17,7 @@ from slice2deploy.utils import UserInputError, atomic_directory, atomic_write_te
 from ..graph_io import calibration_samples, copy_side_files, count_roles, is_large, save_model
 from ..ort import MODEL_FILE, OrtCausalLM, check_onnx_dir, graph_summary, require_onnx, runtime_versions
 from ..quantize import logits_snr_db
+from .bf16 import convert_bf16, write_float32_twin
 from .config import (
     FLOAT32_OP_TYPES,
     QDQ_OPSET,
@@ -28,7 +30,7 @@ from .config import (
 )
 from .fp16 import _require_opset, convert_fp16
 from .qdq import _check_quantized, _node_outputs, _plan_nodes, qdq_report, quantize_int4_qdq, quantize_int8_qdq
-from .weight_only import quantize_weight_only
+from .weight_only import quantize_embedding, quantize_weight_only
 
 
 def _text_samples(runner: OrtCausalLM, config: TrtBuildConfig) -> list[np.ndarray]:
@@ -46,14 +48,15 @@ def _write_graph(model_path: Path, target: Path, config: TrtBuildConfig, referen
         bits = {str(b): sum(c.bits == b for c in choices) for b in sorted({c.bits for c in choices})}
     else:
         model, chosen, skipped = _quantize(model_path, target, config, reference, samples)
+    embedding = quantize_embedding(model) if config.embedding_bits == 8 else {"bits": 16}
     if config.quant_mode:
         _require_opset(model, QDQ_OPSET)
         chosen, missed = _check_quantized(model, chosen, _node_outputs(model_path), config.precision)
         skipped += missed
-    model = convert_fp16(model, config.head_in_float32)
-    save_model(model, target, large)
+    convert = convert_bf16 if config.precision is Precision.BF16 else convert_fp16
+    save_model(convert(model, config.head_in_float32), target, large)
     report = {"quantized_matmuls": len(chosen), "quantized_by_role": count_roles(chosen), "unquantized": skipped,
-              "unquantized_count": len(skipped)}
+              "unquantized_count": len(skipped), "embedding": embedding}
     return {**report, "weight_bits": bits} if bits else report
 
 
@@ -132,6 +135,19 @@ def validate_against_source(reference: OrtCausalLM, candidate: OrtCausalLM, samp
     return report
 
 
+def _validate(reference: OrtCausalLM, graph_dir: Path, samples: list[np.ndarray], config: TrtBuildConfig) -> dict:
+    """validate_against_source on the written graph, or for bf16 on its float32 twin (ONNX Runtime's CPU provider
+    has no bfloat16 MatMul; exporters.tensorrt.bf16 says what the twin reproduces and what it cannot)."""
+    if config.precision is not Precision.BF16:
+        return validate_against_source(reference, OrtCausalLM(graph_dir), samples, config)
+    with tempfile.TemporaryDirectory(prefix=".bf16-twin-", dir=graph_dir.parent) as scratch:
+        twin = OrtCausalLM(write_float32_twin(graph_dir, Path(scratch)))
+        report = validate_against_source(reference, twin, samples, config)
+        del twin  # the session holds the twin's files open until it goes
+    return {**report, "measured_on": "float32 twin, every bfloat16 tensor rounded to bfloat16 (ONNX Runtime CPU "
+                                     "has no bfloat16 MatMul)"}
+
+
 def make_trt_ready(source_dir: str | Path, out_dir: str | Path, config: TrtBuildConfig | None = None,
                    overwrite: bool = False) -> dict:
     """Write the TensorRT-ready graph of a float32 ONNX export (graph, config, tokenizer, manifest) to ``out_dir``.
@@ -170,7 +186,7 @@ def make_trt_ready(source_dir: str | Path, out_dir: str | Path, config: TrtBuild
         onnx.checker.check_model(str(tmp / MODEL_FILE))  # by path: works with external data
         transformed = time.perf_counter()
         qdq = qdq_report(onnx.load(str(tmp / MODEL_FILE), load_external_data=config.quant_mode is not None))
-        quality = validate_against_source(reference, OrtCausalLM(tmp), samples, config)
+        quality = _validate(reference, tmp, samples, config)
         manifest = _trt_onnx_manifest(source, model_path, tmp, config, quantized, qdq, quality,
                                       {"transform": round(transformed - started, 2),
                                        "validation": round(time.perf_counter() - transformed, 2)})

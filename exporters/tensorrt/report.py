@@ -3,7 +3,7 @@
 Without a GPU an engine cannot be loaded or inspected, so this is the proof of what it holds: layer types, Q/DQ
 layers, the bytes of constant weights by data type, and for every matrix multiply whether its weight arrives as
 INT4, INT8 or float (traced back from the MatMul's second input through shape-only layers to a DequantizeLinear
-of a constant).
+of a constant), and the same for the table every Gather reads (an INT8 embedding table shows as INT8).
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ def _producers(network) -> dict:
     return found
 
 
-def _weight_kind(trt, layer, producers: dict, constants: dict[str, str]) -> str:
-    """INT4 / INT8 (a DequantizeLinear of a constant of that type), FLOAT/HALF (a constant), or activation."""
-    source = producers.get(layer.get_input(1).name) if layer.num_inputs > 1 else None
+def _weight_kind(trt, layer, producers: dict, constants: dict[str, str], index: int = 1) -> str:
+    """INT4 / INT8 (a DequantizeLinear of a constant of that type), FLOAT/HALF (a constant), or activation: what
+    reaches input ``index`` (a MatMul's weight: 1; a Gather's table: 0)."""
+    source = producers.get(layer.get_input(index).name) if layer.num_inputs > index else None
     while source is not None and source.type.name in PASS_THROUGH:
         source = producers.get(source.get_input(0).name)
     if source is None:
@@ -56,9 +57,11 @@ def _weight_kind(trt, layer, producers: dict, constants: dict[str, str]) -> str:
 
 
 def network_report(trt, network) -> dict:
-    """A JSON-able description of a parsed network: ``summary`` (counts and weight megabytes by type) and
-    ``matmuls`` (each matrix multiply's name and weight kind). Weight bytes are element count x bits / 8 of every
-    constant, the same total the engine stores before TensorRT's own folding and fusion."""
+    """A JSON-able description of a parsed network: ``summary`` (counts and weight megabytes by type),
+    ``matmuls`` (each matrix multiply's name and weight kind) and ``gathers`` (the name and table kind of each Gather
+    of a constant table, such as the token embedding; Gathers of activations, shape arithmetic, are left out).
+    Weight bytes are element count x bits / 8 of every constant, the same total the engine stores before TensorRT's
+    own folding and fusion."""
     layers = [network.get_layer(i) for i in range(network.num_layers)]
     types = Counter(layer.type.name for layer in layers)
     constants, weight_bytes = {}, Counter()
@@ -70,6 +73,9 @@ def network_report(trt, network) -> dict:
     producers = _producers(network)
     matmuls = [{"name": layer.name, "weight": _weight_kind(trt, layer, producers, constants)}
                for layer in layers if layer.type.name == "MATRIX_MULTIPLY"]
+    gathers = [{"name": layer.name, "table": _weight_kind(trt, layer, producers, constants, index=0)}
+               for layer in layers if layer.type.name == "GATHER"]
+    gathers = [g for g in gathers if g["table"] != "activation"]  # shape arithmetic gathers from activations
     kinds = Counter(m["weight"] for m in matmuls)
     summary = {
         "layers": len(layers),
@@ -79,8 +85,9 @@ def network_report(trt, network) -> dict:
         "weight_mb_by_type": {k: round(v / 1e6, 3) for k, v in sorted(weight_bytes.items())},
         "weight_mb": round(sum(weight_bytes.values()) / 1e6, 3),
         "matmuls_by_weight": dict(sorted(kinds.items())),
+        "gathers_by_table": dict(sorted(Counter(g["table"] for g in gathers).items())),
     }
-    return {"summary": summary, "matmuls": matmuls}
+    return {"summary": summary, "matmuls": matmuls, "gathers": gathers}
 
 
 __all__ = ["network_report"]

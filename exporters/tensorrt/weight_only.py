@@ -11,7 +11,16 @@ Choices shared with ``exporters.quantize`` (one implementation serving both path
 - GPTQ (:func:`exporters.gptq.gptq_quantize`, here with ``symmetric=True``) against Gram matrices of the float
   inputs measured on the calibration text (:func:`exporters.gptq.probe_grams`);
 - a tied head untied into its own initializer so it can be stored at 8 (or 4) bits while the embedding table the
-  Gather reads becomes float16 with the rest of the graph.
+  Gather reads is stored on its own (:func:`quantize_embedding`).
+
+The token-embedding table (``embedding_bits`` 8, the weight-only default) is stored as INT8 with one symmetric scale
+per vocabulary row: ``Gather(DequantizeLinear(table_int8, row_scales, axis=0), ids)``. Checked with TensorRT-RTX
+1.7.1 on this CPU-only machine (tiny graphs, 8192 x 256 table): that form builds and the engine holds the table as
+INT8 (engine 2.30 MB vs 4.38 MB with a float16 table; "Total Weights Memory" 2.15 MB, no larger scratch memory, the
+whole graph in one Myelin node). The forms that dequantize after the Gather are refused or grow the engine: a Gather
+of an INT8 constant followed by Cast, or by a DequantizeLinear with gathered (non-constant) scales, fails the build
+("Quantized constant ... is only allowed before DQ or PLUGIN"); a UINT8 table is converted to INT32 by the parser
+(4x the bytes). Whether the engine dequantizes only the gathered rows at run time was not observable without a GPU.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import numpy as np
 
 from slice2deploy.utils import UserInputError
 
-from ..graph_io import calibration_samples, is_large, prefill_feeds, untie_head
+from ..graph_io import calibration_samples, embedding_table, is_large, prefill_feeds, untie_head
 from ..ort import OrtCausalLM
 from ..quantize import QuantConfig, QuantMode, WeightMatMul, quant_plan, weight_matmuls
 from .config import Precision, TrtBuildConfig
@@ -107,6 +116,38 @@ def _insert_dequantize(model, node_name: str, weight, scale, block_size: int | N
         del model.graph.initializer[position]
 
 
+def quantize_embedding(model) -> dict:
+    """Store the token-embedding table the Gather reads as INT8 with per-row scales, in place: the Gather reads
+    ``DequantizeLinear(table_int8, scale, axis=0)`` and the float initializer goes. Returns what was done, for the
+    manifest: ``{"table", "bits": 8}``, or ``{"table", "bits": 16, "reason"}`` when the table was left as it was.
+
+    A table that something besides the Gather reads (a tied head kept in float) is left alone: the graph would hold
+    an INT8 copy next to the float one and grow, not shrink."""
+    from onnx import helper, numpy_helper
+
+    name = embedding_table(model)
+    if name is None:
+        return {"table": None, "bits": 16, "reason": "no Gather of a float32 table in the graph"}
+    readers = {n.op_type for n in model.graph.node if name in n.input}
+    if readers != {"Gather"}:
+        return {"table": name, "bits": 16, "reason": f"also read by {', '.join(sorted(readers - {'Gather'}))} (a tied "
+                "head kept in float): an INT8 copy would add to it; quantize the head (head_bits / --head-bits 8) to "
+                "untie it"}
+    table = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name)).astype(np.float32)
+    codes, scale = int8_tensors(table.T, name)  # per output channel of the (hidden, vocab) transpose = per row
+    codes = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(codes).T), codes.name)
+    dequantize = helper.make_node("DequantizeLinear", [codes.name, scale.name], [f"{name}_dequantized"],
+                                  name=f"{name}/embedding_DequantizeLinear", axis=0)
+    model.graph.initializer.extend([codes, scale])
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == name]
+    model.graph.node.insert(min(list(model.graph.node).index(g) for g in gathers), dequantize)
+    for gather in gathers:
+        gather.input[0] = dequantize.output[0]
+    position = next(i for i, init in enumerate(model.graph.initializer) if init.name == name)
+    del model.graph.initializer[position]
+    return {"table": name, "bits": 8}
+
+
 def _grams(model_path: Path, model, choices: list[WeightOnlyChoice], config: TrtBuildConfig,
            reference: OrtCausalLM, scratch: Path) -> dict[str, np.ndarray]:
     """Gram matrices X^T X of the float inputs of the 4-bit MatMuls (GPTQ), measured on the source graph."""
@@ -152,5 +193,5 @@ def quantize_weight_only(model_path: Path, config: TrtBuildConfig, reference: Or
     return model, choices, skipped
 
 
-__all__ = ["WeightOnlyChoice", "int4_tensors", "int8_tensors", "plan_weight_only", "quantize_weight_only",
-           "untie_head"]
+__all__ = ["WeightOnlyChoice", "int4_tensors", "int8_tensors", "plan_weight_only", "quantize_embedding",
+           "quantize_weight_only", "untie_head"]
