@@ -172,6 +172,9 @@ def test_shipped_cpu_recipe_is_valid():
     from benchmarks.suite.recipe import quant_settings
 
     assert quant_settings(recipe.quantize, "int8-dynamic")["smooth_alpha"] == 0.8
+    int4 = quant_settings(recipe.quantize, "int4")
+    assert int4["quantize_head"] is True and "lm_head" in int4["weight_int8"]
+    assert recipe.recover and recipe.recover["method"] == "kd"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
