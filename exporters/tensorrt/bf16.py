@@ -29,13 +29,17 @@ TYPE_ATTRIBUTES = ("to", "dtype")  # integer attributes naming an element type (
 
 
 def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even (NaN/inf are not expected in weights)."""
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even (ml_dtypes, onnx's own dependency)."""
+    import ml_dtypes
+
+    return np.ascontiguousarray(values, dtype=np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
 
 
 def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    """bfloat16 bit patterns (uint16) -> float32 (exact)."""
+    import ml_dtypes
+
+    return np.ascontiguousarray(bits, dtype=np.uint16).view(ml_dtypes.bfloat16).astype(np.float32)
 
 
 def _tensor_values(tensor) -> np.ndarray:
