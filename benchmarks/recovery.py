@@ -175,7 +175,9 @@ def report(results: Path) -> str:
                      f"{r['eval_seconds']:.0f} | {load} |")
     lines += ["", "Commands: " + "; ".join(sorted({f"`{r['command']}`" for r in records})), ""]
     text = "\n".join(lines)
-    atomic_write_text(results.with_suffix(".md"), text)
+    from benchmarks.suite.results import with_hand_notes
+
+    atomic_write_text(results.with_suffix(".md"), with_hand_notes(results.with_suffix(".md"), text))
     return text
 
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from benchmarks.suite.measure import machine_record
-from benchmarks.suite.results import RESULTS
+from benchmarks.suite.results import RESULTS, with_hand_notes
 
 NAME = "tensorrt_rtx_cpu_smollm2"
 # The weight-only recipes: the ONNX Runtime INT4 path's quality tools (GPTQ 4-bit, 8-bit down_proj and residual
@@ -142,7 +142,7 @@ def main() -> None:
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
     from slice2deploy.utils import atomic_write_text
 
-    atomic_write_text(RESULTS / f"{NAME}.md", report(records))
+    atomic_write_text(RESULTS / f"{NAME}.md", with_hand_notes(RESULTS / f"{NAME}.md", report(records)))
 
 
 if __name__ == "__main__":

@@ -107,3 +107,15 @@ def test_markdown_mentions_machine_and_method():
                "bandwidth": {"gb_s": 10.0, "method": "copy"}, "versions": {"torch": "2"}}
     text = markdown(Recipe, [RECORD], machine, ["memory_size.png"])
     assert "10.0 GB/s" in text and "TensorRT not installed" in text and "![memory_size.png]" in text
+
+
+def test_rewriting_a_results_file_keeps_its_hand_written_notes(tmp_path):
+    from benchmarks.suite.results import with_hand_notes
+
+    path = tmp_path / "r.md"
+    assert with_hand_notes(path, "# new\n| a |\n") == "# new\n| a |\n"  # no file yet
+    notes = "\n## Notes (by hand)\n- kept\n\n## Notes (later)\n- kept too\n"
+    path.write_text("# old\n| b |\n" + notes)
+    assert with_hand_notes(path, "# new\n| a |\n") == "# new\n| a |\n" + notes
+    path.write_text("# old without notes\n")
+    assert with_hand_notes(path, "# new\n") == "# new\n"
