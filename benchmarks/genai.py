@@ -8,6 +8,8 @@ closes every variant in turn, so drift of the shared machine spreads over all of
 GenAI rows also get its own loop's numbers (``native``): prefill by ``append_tokens`` + ``get_logits`` (no copy of
 the (1, T, V) logits) into a buffer of prompt + decode length, decode by ``generate_next_token``.
 Perplexity on the first ``--max-eval-tokens`` tokens of the built-in evaluation split (512-token windows).
+Memory: each variant once more in a fresh process (``--memory-of DIR``): its peak resident set size over opening the
+runner, the prefill and the decode, minus the same process's size before opening (Python, torch, onnxruntime loaded).
 
     python -m benchmarks.genai --work out      # artifacts: see out/build_all.sh in the results notes
 """
@@ -37,6 +39,8 @@ VARIANTS = {
     "dense/onnxruntime/int4-all4-head8": "dense-int4-all4-head8",
     "uniform-0.25/genai/fp32": "u25-genai-fp32", "uniform-0.25/onnxruntime/fp32": "u25-onnx",
     "uniform-0.25/genai/int4": "u25-genai-int4", "uniform-0.25/onnxruntime/int4": "u25-int4",
+    # with decode.onnx (exporters/decode_graph.py): the same commands after it became the default
+    "dense/onnxruntime/fp32-decode": "dense-onnx-dg", "dense/onnxruntime/int4-decode": "dense-int4-dg",
 }
 
 
@@ -97,6 +101,38 @@ def measure_round(name: str, directory: Path, tokens: np.ndarray, args) -> dict:
     return result
 
 
+def _rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def memory_of(directory: Path, prefill_tokens: int, decode_tokens: int) -> dict:
+    """Peak RSS growth (MiB) of opening ``directory``'s runner, one prefill and the decode, in this process."""
+    import onnxruntime  # noqa: F401 (loaded before the baseline, like torch)
+    import torch  # noqa: F401
+
+    from slice2deploy.runners import open_runner
+
+    before = _rss_mb()
+    runner = open_runner(directory)
+    opened = _rss_mb()
+    prompt = np.arange(prefill_tokens, dtype=np.int64)[None] % 1000 + 100
+    decode_tok_s(runner, prompt, decode_tokens)
+    return {"rss_before_mb": round(before, 1), "rss_open_growth_mb": round(opened - before, 1),
+            "rss_peak_growth_mb": round(_rss_mb() - before, 1)}
+
+
+def memory_in_fresh_process(directory: Path, args) -> dict:
+    import json
+    import subprocess
+
+    command = [sys.executable, "-m", "benchmarks.genai", "--memory-of", str(directory), "--prefill-tokens",
+               str(args.prefill_tokens), "--decode-tokens", str(args.decode_tokens)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def graph_summary(directory: Path) -> dict:
     """Op counts of the graph and the MatMulNBits settings (bits, block size, accuracy level -> count): what each
     runtime actually executes."""
@@ -112,7 +148,10 @@ def graph_summary(directory: Path) -> dict:
             attrs = {a.name: a.i for a in node.attribute}
             nbits[f"bits={attrs.get('bits')} block={attrs.get('block_size')} "
                   f"accuracy_level={attrs.get('accuracy_level', 0)}"] += 1
-    return {"ops": dict(ops.most_common()), "nodes": len(graph.node), "matmulnbits": dict(nbits)}
+    decode = directory / "decode.onnx"
+    decode_nodes = len(onnx.load(str(decode), load_external_data=False).graph.node) if decode.is_file() else None
+    return {"ops": dict(ops.most_common()), "nodes": len(graph.node), "matmulnbits": dict(nbits),
+            "decode_graph_nodes": decode_nodes}
 
 
 def _stats(values: list[float]) -> dict:
@@ -129,14 +168,16 @@ def perplexity(directory: Path, tokens, max_tokens: int) -> float:
 
 def markdown(records: list[dict], header: str) -> str:
     lines = [header, "", "| variant | size MB | perplexity | prefill 512 ms | decode tok/s (b=1) "
-             "| GenAI native prefill ms | GenAI native decode tok/s |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| GenAI native prefill ms | GenAI native decode tok/s | peak RSS growth MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         prefill, decode = r["prefill_ms"], r["decode_tok_s"]
         native = ("", "") if "native_prefill_ms" not in r else (
             f"{r['native_prefill_ms']['median']:,.0f}", f"{r['native_decode_tok_s']['median']:.1f}")
         lines.append(f"| {r['variant']} | {r['size_mb']:.1f} | {r['perplexity']:.2f} | "
                      f"{prefill['median']:,.0f} ({prefill['min']:,.0f}-{prefill['max']:,.0f}) | "
-                     f"{decode['median']:.1f} ({decode['min']:.1f}-{decode['max']:.1f}) | {native[0]} | {native[1]} |")
+                     f"{decode['median']:.1f} ({decode['min']:.1f}-{decode['max']:.1f}) | {native[0]} | {native[1]} | "
+                     f"{r.get('memory', {}).get('rss_peak_growth_mb', '')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -151,7 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-eval-tokens", type=int, default=4096)
     parser.add_argument("--name", default="genai_cpu_smollm2")
     parser.add_argument("--note", default="", help="appended to the report's header (how the artifacts were made)")
+    parser.add_argument("--memory-of", type=Path, default=None, help=argparse.SUPPRESS)  # the fresh-process probe
     args = parser.parse_args(argv)
+    if args.memory_of is not None:
+        import json
+
+        print(json.dumps(memory_of(args.memory_of, args.prefill_tokens, args.decode_tokens)))
+        return 0
     from transformers import AutoTokenizer
 
     from exporters.genai_runtime import versions
@@ -187,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                   "precision": name.split("/")[2], "backend": runs[0]["backend"], "artifact": str(directory),
                   "size_mb": round(runs[0]["size_bytes"] / 1e6, 1),
                   "perplexity": perplexity(directory, tokens, args.max_eval_tokens),
-                  "graph": graph_summary(directory),
+                  "graph": graph_summary(directory), "memory": memory_in_fresh_process(directory, args),
                   **{key: _stats([r[key] for r in runs]) for key in runs[0] if key.startswith(("prefill", "decode",
                                                                                                "native"))},
                   **meta}

@@ -128,7 +128,8 @@ def _export_step(recipe: Recipe, model: str, dtype: str) -> Step:
     def run(tmp: Path, upstream: dict[str, dict]) -> dict:
         config = OnnxExportConfig(dtype=dtype, opset=recipe.export["opset"], exporter=recipe.export["exporter"],
                                   attention=recipe.export["attention"],
-                                  attention_chunks=recipe.export["attention_chunks"])
+                                  attention_chunks=recipe.export["attention_chunks"],
+                                  decode_graph=recipe.export["decode_graph"])
         manifest = export_pretrained(_model_source(recipe, model, upstream), tmp / "onnx", config, overwrite=True)
         return {"parity_max_abs_diff": manifest["parity"]["max_abs_diff"], "seconds": manifest["seconds"]}
 
@@ -155,7 +156,8 @@ def _quantize_step(recipe: Recipe, model: str, mode: str) -> Step:
                              calib_samples=cfg["calib_samples"], snr_floor_db=cfg["snr_floor_db"],
                              gptq_samples=cfg["gptq_samples"], gptq_seqlen=cfg["gptq_seqlen"],
                              static_format=cfg["static_format"],
-                             smooth_alpha=None if mode == "int4" else cfg["smooth_alpha"])  # an INT8 option
+                             smooth_alpha=None if mode == "int4" else cfg["smooth_alpha"],  # an INT8 option
+                             decode_graph=recipe.export["decode_graph"])
         try:
             manifest = quantize_onnx(Path(upstream[source]["directory"]) / "onnx", tmp / "onnx", config,
                                      overwrite=True)

@@ -25,6 +25,11 @@ BUILD_ENGINE_HELP = "TensorRT engine (or deploy bundle) from an ONNX export"
 EXPORT, QUANT, GENAI = OnnxExportConfig, QuantConfig, GenAIExportConfig
 
 
+DECODE_GRAPH_HELP = ("also write decode.onnx: one-token steps through GroupQueryAttention over a KV cache updated in "
+                     "place (ONNX Runtime CPU; fused attention only), gated against model.onnx; costs a second "
+                     "session's memory when loaded (default on)")
+
+
 def add_commands(subparsers, selected: str | None = None) -> None:
     """Register ``export``, ``quantize`` and ``build-engine`` (in full only when ``selected`` is build-engine)."""
     _export_parser(subparsers)
@@ -64,6 +69,8 @@ def _export_parser(sub) -> None:
                       help="weights in model.onnx.data: auto = above 1.5 GB (default auto)")
     onnx.add_argument("--last-logits", action="store_true",
                       help="generation graph: logits of the last position only (faster prefill; no perplexity)")
+    onnx.add_argument("--decode-graph", action=argparse.BooleanOptionalAction, default=EXPORT.decode_graph,
+                      help=DECODE_GRAPH_HELP)
     onnx.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     onnx.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
     onnx.set_defaults(handler=_run_export_onnx)
@@ -161,6 +168,8 @@ def _quantize_parser(sub) -> None:
                         help="below the floor, with no --keep-float/--weight-int8 given, keep the MatMul kind with "
                              "the most outlier-heavy inputs (measured on --calib text) float (INT8) or 8-bit (INT4) "
                              "and try once more; recorded in the manifest (default on)")
+    parser.add_argument("--decode-graph", action=argparse.BooleanOptionalAction, default=QUANT.decode_graph,
+                        help=DECODE_GRAPH_HELP)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.set_defaults(handler=_run_quantize)
 
@@ -170,7 +179,7 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
     options = {"opset": args.opset} if args.opset is not None else {}
     config = OnnxExportConfig(dtype=args.dtype, exporter=args.exporter, external_data=external,
                               attention=args.attention, last_logits=args.last_logits,
-                              attention_chunks=args.attention_chunks, **options)
+                              attention_chunks=args.attention_chunks, decode_graph=args.decode_graph, **options)
     manifest = export_pretrained(args.model, args.output, config, overwrite=args.overwrite,
                                  trust_remote_code=args.trust_remote_code)
     parity = manifest["parity"]
@@ -207,7 +216,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
                          calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                          gptq_samples=args.gptq_samples, gptq_seqlen=args.gptq_seqlen, snr_floor_db=args.snr_floor,
                          static_format=args.static_format, smooth_alpha=args.smooth_alpha,
-                         auto_mixed_precision=args.auto_mixed_precision)
+                         auto_mixed_precision=args.auto_mixed_precision, decode_graph=args.decode_graph)
     manifest = quantize_onnx(args.onnx_dir, args.output, config, overwrite=args.overwrite)
     size = manifest["size_bytes"]
     print(f"saved {args.output}: {manifest['quantized_matmuls']} MatMuls quantized ({args.mode}), "

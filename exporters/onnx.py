@@ -38,6 +38,7 @@ from torch import nn
 from slice2deploy.utils import UserInputError, atomic_directory, check_output_dir, sha256_bytes, sha256_file
 
 from . import attention as fused_attention
+from .decode_graph import write_decode_graph
 from .ort import MANIFEST_FILE, MODEL_FILE, OrtCausalLM, graph_summary, require_onnx, runtime_versions
 from .parity import Runner, Tolerance, check_parity, parity_cases
 
@@ -105,6 +106,9 @@ class OnnxExportConfig:
     # fused only: each Attention node split into this many causal query blocks (exporters/attention.py); None: 4
     # with fused attention, 1 (no split) with eager
     attention_chunks: int | None = None
+    # decode.onnx next to model.onnx (exporters/decode_graph.py): one-token steps through GroupQueryAttention over a
+    # shared KV cache, gated against model.onnx; written only when every layer has the fused-attention pattern
+    decode_graph: bool = True
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -435,7 +439,12 @@ def export_onnx(model: nn.Module, tokenizer, out_dir: str | Path, config: OnnxEx
             long_step = fused_attention.min_chunked_tokens(config.attention_chunks)  # the blocks' path, if any
             parity = _check_parity(flat, tmp, config.tolerance, long_step)
         _write_side_files(model, tokenizer, tmp)
-        seconds = {"export": round(exported - started, 2), "parity": round(time.perf_counter() - exported, 2)}
+        decoded = time.perf_counter()
+        rewritten["decode_graph"] = write_decode_graph(tmp) if config.decode_graph else {"written": False,
+                                                                                         "reason": "turned off"}
+        external = external or rewritten["decode_graph"]["written"]  # the two graphs share model.onnx.data
+        seconds = {"export": round(exported - started, 2), "parity": round(decoded - exported, 2),
+                   "decode_graph": round(time.perf_counter() - decoded, 2)}
         manifest = _manifest(tmp, config, source, flat.num_layers, external, rewritten, parity, seconds)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     return {**manifest, "output": str(Path(out_dir).expanduser().resolve())}

@@ -22,7 +22,10 @@ from slice2deploy.evaluate import PerplexityResult, windowed_perplexity
 from slice2deploy.runners import context_length, position_ids_from_mask
 from slice2deploy.utils import UserInputError
 
+from .decode_graph import DECODE_FILE, SharedKVCache, decode_step
+
 MODEL_FILE = "model.onnx"  # the export directory layout, shared with exporters.onnx
+DECODE_MIN_CAPACITY = 256  # rows of a decode cache made from a prefill's (doubled whenever it fills)
 MANIFEST_FILE = "slice2deploy_onnx_manifest.json"
 EXPORT_HINT = "create one with `slice2deploy export onnx MODEL -o DIR`"
 INSTALL_HINT = "pip install 'slice2deploy[onnx]' (or 'slice2deploy[gpu]' for CUDA)"
@@ -166,11 +169,18 @@ class OrtCausalLM:
 
     def __init__(self, directory: str | Path, provider: str = "cpu",
                  optimization: GraphOptimization | str = GraphOptimization.ALL,
-                 optimized_model_filepath: str | Path | None = None, threads: int | None = None):
+                 optimized_model_filepath: str | Path | None = None, threads: int | None = None,
+                 decode_graph: bool = True):
         self.directory = Path(directory).expanduser()
         self.model_path = check_onnx_dir(self.directory)
         options = session_options(optimization, optimized_model_filepath, threads)
         self.session = create_session(self.model_path, provider, options)
+        # decode.onnx (exporters.decode_graph): one-token steps with GroupQueryAttention over a shared cache. CPU only:
+        # the CUDA kernel of the op wants float16/bfloat16 and its own cache layout checks.
+        decode = self.directory / DECODE_FILE
+        self.decode_session = None
+        if decode_graph and provider == "cpu" and decode.is_file() and optimized_model_filepath is None:
+            self.decode_session = create_session(decode, provider, session_options(optimization, None, threads))
         self.provider = provider
         self.device, self.device_id = parse_provider(provider)
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -282,8 +292,16 @@ class OrtCausalLM:
         """Logits (batch, sequence, vocab) and the updated cache [(key, value) per layer], as numpy arrays.
 
         ``attention_mask`` covers past + new tokens (default all ones); ``position_ids`` default to the count of
-        real tokens before each one; ``past`` defaults to an empty cache.
+        real tokens before each one; ``past`` defaults to an empty cache. A one-token step with a cache and neither
+        mask nor positions runs the decode graph when the directory has one: the cache it returns is then a
+        :class:`~exporters.decode_graph.SharedKVCache`, which indexes like the list.
         """
+        if (self.decode_session is not None and past is not None and attention_mask is None and position_ids is None
+                and np.shape(input_ids)[1] == 1):
+            if not isinstance(past, SharedKVCache):
+                length = _shape(past[0][0])[2]
+                past = SharedKVCache.from_past(past, max(DECODE_MIN_CAPACITY, 2 * length))
+            return decode_step(self.decode_session, np.asarray(input_ids), past)
         outputs = self._run(self._feeds(input_ids, attention_mask, position_ids, past))
         if self.device != "cpu":
             outputs = [value.numpy() for value in outputs]
@@ -316,10 +334,14 @@ class OrtCausalLM:
         rng = np.random.default_rng(seed)
         finished = np.zeros(ids.shape[0], dtype=bool)
         positions = position_ids_from_mask(mask)
+        # unpadded rows may take the decode graph (no mask; positions = cached lengths)
+        decode = self.decode_session is not None and bool(mask.all())
         step, past, generated = ids, None, [ids]
         for _ in range(max_new_tokens):
-            outputs = self._run(self._feeds(step, mask, positions, past))
-            logits, past = self._split(outputs)
+            if decode and past is not None:
+                logits, past = self.forward(step, past=past)
+            else:
+                logits, past = self._split(self._run(self._feeds(step, mask, positions, past)))
             last = (logits.numpy() if self.device != "cpu" else logits)[:, -1].astype(np.float32)
             chosen = _sample(last, rng, temperature, top_k) if do_sample else last.argmax(-1)
             chosen = np.where(finished, pad, chosen)

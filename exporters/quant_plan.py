@@ -102,6 +102,9 @@ class QuantConfig:
     # below the floor, with no keep_float/weight_int8 given: measure which MatMul kind reads the most outlier-heavy
     # inputs (outliers.py), keep it float (INT8) or 8-bit (INT4), and try once more; recorded in the manifest
     auto_mixed_precision: bool = True
+    # decode.onnx next to model.onnx: one-token steps through GroupQueryAttention over a shared KV cache
+    # (exporters/decode_graph.py), gated against model.onnx; written only when every layer has the pattern
+    decode_graph: bool = True
     version: int = 1
 
     def __post_init__(self) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 from slice2deploy.runners import check_length
 from slice2deploy.utils import Slice2DeployError, UserInputError, atomic_directory, sha256_file
 
+from .decode_graph import write_decode_graph
 from .graph_io import (
     PrefillReader,
     calibration_samples,
@@ -285,7 +286,9 @@ def _quantize(source: Path, source_model: Path, model_path: Path, out_dir: str |
                 f"{'float' if 'keep_float' in auto else '8-bit'}: {auto['snr_db_after']} dB)")
             raise QuantQualityError(f"{config.mode.value}: logits SNR {attempt.snr:.1f} dB is below the floor of "
                                     f"{config.floor:.1f} dB{tried}; nothing was written.{hint}")
+        decode = write_decode_graph(tmp) if config.decode_graph else {"written": False, "reason": "turned off"}
         manifest = _manifest(source, source_model, tmp, attempt.config, attempt.full, attempt.snr)
+        manifest["decode_graph"] = decode
         manifest["head_untied"] = head_untied
         manifest["block_size_chosen_from_widths"] = chosen_block
         manifest["auto_mixed_precision"] = auto

@@ -16,7 +16,10 @@ SECTIONS: dict[str, dict[str, Any]] = {  # section -> its keys and defaults
     "calibration": {"source": "builtin", "samples": 128, "seqlen": 512, "seed": 0},
     "eval": {"data": "builtin", "seqlen": 512, "batch_size": 4, "max_tokens": None},
     # opset None: 18 (fused: 23); attention_chunks None: 4 causal query blocks with fused attention, 1 with eager
-    "export": {"opset": None, "exporter": "torchscript", "attention": "eager", "attention_chunks": None},
+    # decode_graph: decode.onnx (GroupQueryAttention over a shared KV cache) next to the export and its quantized
+    # versions, for ONNX Runtime CPU decode steps; written only where the fused-attention pattern is found
+    "export": {"opset": None, "exporter": "torchscript", "attention": "eager", "attention_chunks": None,
+               "decode_graph": True},
     "quantize": {"block_size": 32, "method": "rtn", "keep_float": [], "weight_int8": [], "embedding_dtype": None,
                  "quantize_head": False,  # the head too (a tied one gets its own copy); weight_int8 [lm_head]: 8-bit
                  "accuracy_level": None, "shortcuts": "weight-int8", "calib_samples": 8, "snr_floor_db": None,
