@@ -102,9 +102,12 @@ def measure_round(name: str, directory: Path, tokens: np.ndarray, args) -> dict:
 
 
 def _rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak resident set size (MiB): Linux's VmHWM, which starts afresh at exec (``ru_maxrss`` keeps
+    the parent's peak across it)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit("peak RSS needs Linux's /proc/self/status")
 
 
 def memory_of(directory: Path, prefill_tokens: int, decode_tokens: int) -> dict:

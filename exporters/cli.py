@@ -30,6 +30,14 @@ DECODE_GRAPH_HELP = ("also write decode.onnx: one-token steps through GroupQuery
                      "session's memory when loaded (default on)")
 
 
+def decode_graph_line(record: dict) -> str:
+    """One line on the manifest's decode-graph record (exporters.decode_graph.write_decode_graph)."""
+    if record["written"]:
+        return (f"decode graph: {record['file']} ({record['nodes']} nodes, GroupQueryAttention), logits SNR "
+                f"{record['gate_snr_db']:.1f} dB against model.onnx over {record['gate_steps']} steps")
+    return f"no decode graph: {record['reason']}"
+
+
 def add_commands(subparsers, selected: str | None = None) -> None:
     """Register ``export``, ``quantize`` and ``build-engine`` (in full only when ``selected`` is build-engine)."""
     _export_parser(subparsers)
@@ -188,6 +196,7 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
           f"{manifest['external_data']}) in {manifest['seconds']['export']:.1f} s")
     print(f"parity vs PyTorch: max |Δ| {parity['max_abs_diff']:.3g} over {', '.join(parity['cases'])} "
           f"(atol {parity['tolerance']['atol']:g}, rtol {parity['tolerance']['rtol']:g})")
+    print(decode_graph_line(manifest["decode_graph"]))
     return 0
 
 
@@ -230,6 +239,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
               f"({auto['reason']}; its inputs peak at {auto['measured_peak_to_typical']}x their typical channel)")
     if manifest["block_size_chosen_from_widths"] and (manifest["quantized_by_role"] or manifest["weight_int8_matmuls"]):
         print(f"block size {manifest['config']['block_size']} (chosen from the widths)")
+    print(decode_graph_line(manifest["decode_graph"]))
     if manifest["smoothing"] is not None:
         print(f"SmoothQuant (alpha {args.smooth_alpha:g}): {manifest['smoothing']['matmuls']} MatMuls in "
               f"{manifest['smoothing']['groups']} groups smoothed")

@@ -490,6 +490,7 @@ def test_cli_export_then_eval_and_generate(tiny_llama_dir, tiny_text_file, tmp_p
     assert main(["export", "onnx", str(tiny_llama_dir), "-o", str(out), "--attention", attention]) == 0
     printed = capsys.readouterr().out
     assert "parity vs PyTorch" in printed and f"{attention} attention" in printed
+    assert ("decode graph: decode.onnx" if attention == "fused" else "no decode graph: layer 0") in printed
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["source"]["kind"] == "local" and manifest["source"]["sha256"]
     eval_args = ["--data", str(tiny_text_file), "--seqlen", "16", "--json"]
