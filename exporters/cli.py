@@ -33,8 +33,10 @@ DECODE_GRAPH_HELP = ("also write decode.onnx: one-token steps through GroupQuery
 def decode_graph_line(record: dict) -> str:
     """One line on the manifest's decode-graph record (exporters.decode_graph.write_decode_graph)."""
     if record["written"]:
-        return (f"decode graph: {record['file']} ({record['nodes']} nodes, GroupQueryAttention), logits SNR "
-                f"{record['gate_snr_db']:.1f} dB against model.onnx over {record['gate_steps']} steps")
+        return (f"decode graph: {record['file']} ({record['nodes']} nodes, GroupQueryAttention); over "
+                f"{record['gate_steps']} steps its logits SNR against model.onnx's prefill is "
+                f"{record['gate_snr_db']:.1f} dB (model.onnx's own one-token steps: "
+                f"{record['gate_general_snr_db']:.1f})")
     return f"no decode graph: {record['reason']}"
 
 

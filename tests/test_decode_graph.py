@@ -50,7 +50,8 @@ def test_export_writes_a_gated_decode_graph_that_shares_the_weights(fused_llama)
     model, out = fused_llama
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     record = manifest["decode_graph"]
-    assert record["written"] and record["file"] == DECODE_FILE and record["gate_snr_db"] > 80
+    assert record["written"] and record["file"] == DECODE_FILE and record["gate_passed"]
+    assert record["gate_snr_db"] > 80 and record["gate_general_snr_db"] > 80  # float32: the same numbers
     decode = onnx.load(str(out / DECODE_FILE), load_external_data=False)
     ops = [n.op_type for n in decode.graph.node]
     layers = model.config.num_hidden_layers
@@ -158,3 +159,26 @@ def test_decode_step_positions_follow_the_cache_length(fused_llama):
     logits, cache = decode_step(runner.decode_session, np.array([[5], [6]]), cache)
     expected, _ = runner.forward(np.array([[5], [6]]), np.ones((2, 5), np.int64), np.array([[4], [4]]), past)
     np.testing.assert_allclose(logits, expected, atol=FP32_LIMIT, rtol=0)
+
+
+def test_the_gate_refuses_a_wrong_decode_graph(fused_llama, tmp_path, monkeypatch):
+    """A decode graph that reads the wrong cache rows (positions shifted by one) is measured, refused and removed."""
+    import shutil
+
+    from exporters import decode_graph
+
+    _, out = fused_llama
+    shutil.copytree(out, tmp_path / "copy")
+    (tmp_path / "copy" / DECODE_FILE).unlink()
+    real_step = decode_graph.decode_step
+
+    def off_by_one(session, input_ids, cache):
+        cache = cache.ready_for_step()
+        cache.length -= 1  # overwrites the last cached row and attends one row short
+        cache._state["length"] -= 1
+        return real_step(session, input_ids, cache)
+
+    monkeypatch.setattr("exporters.ort.decode_step", off_by_one)
+    record = decode_graph.write_decode_graph(tmp_path / "copy")
+    assert not record["written"] and not record["gate_passed"] and record["gate_snr_db"] < 30
+    assert "below 30.0 dB" in record["reason"] and not (tmp_path / "copy" / DECODE_FILE).exists()
