@@ -41,6 +41,7 @@ VARIANTS = {
     "uniform-0.25/genai/int4": "u25-genai-int4", "uniform-0.25/onnxruntime/int4": "u25-int4",
     # with decode.onnx (exporters/decode_graph.py): the same commands after it became the default
     "dense/onnxruntime/fp32-decode": "dense-onnx-dg", "dense/onnxruntime/int4-decode": "dense-int4-dg",
+    "uniform-0.25/onnxruntime/int4-decode": "u25-int4-dg",
 }
 
 
