@@ -1,4 +1,4 @@
-"""``slice2deploy pipeline RECIPE -o OUT``: slice -> eval -> export -> quantize -> (engine) -> bench -> report.
+"""``slice2deploy pipeline RECIPE -o OUT``: slice -> eval -> export -> quantize -> (engine, genai) -> bench -> report.
 
 Every step is resume-safe (:mod:`benchmarks.suite.steps`): ``OUT/<step>/step.json`` records its config and the
 hashes of its inputs; a rerun skips finished steps whose manifest and input hashes still match.
@@ -15,12 +15,14 @@ from typing import Any
 
 from slice2deploy.utils import UserInputError, atomic_write_text
 
-from .suite.profiles import QUANT_MODES
+from .suite.profiles import QUANT_MODES, decode_batches
 from .suite.recipe import Recipe, load_recipe
 from .suite.steps import Step, StepStatus, run_steps
 
 TORCH_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 RESULT_FILE = "result.json"
+EXPORT_BACKENDS = ("onnxruntime", "tensorrt")  # the backends that run (or build from) our ONNX export
+STEP_OUTPUT = {"slice": "model", "export": "onnx", "quantize": "onnx", "engine": "trt", "genai": "genai"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ def artifact_step(variant: Variant) -> str | None:
         return None if variant.model == "dense" else f"slice-{variant.model}"
     if variant.backend == "tensorrt":
         return f"engine-{variant.model}-{variant.precision}"
+    if variant.backend == "onnxruntime-genai":
+        return f"genai-{variant.model}-{variant.precision}"
     if variant.precision in QUANT_MODES:
         return f"quantize-{variant.model}-{variant.precision}"
     return f"export-{variant.model}-{_export_dtype(variant)}"
@@ -82,8 +86,7 @@ def _artifact(recipe: Recipe, variant: Variant, upstream: dict[str, dict]) -> tu
     manifest = upstream[key]
     if manifest["result"].get("status") == "rejected":
         return None, manifest["result"]["reason"]
-    sub = {"slice": "model", "export": "onnx", "quantize": "onnx", "engine": "trt"}[manifest["kind"]]
-    return str(Path(manifest["directory"]) / sub), None
+    return str(Path(manifest["directory"]) / STEP_OUTPUT[manifest["kind"]]), None
 
 
 def _write_result(tmp: Path, result: dict) -> dict:
@@ -190,6 +193,43 @@ def _engine_step(recipe: Recipe, model: str, precision: str) -> Step:
                 run, [source])
 
 
+def _genai_refusal(model: str, source: str) -> str | None:
+    """Why GenAI's builder cannot take ``source`` (a per-layer slice, heads GQA's CPU kernel refuses), else None; read
+    from the config alone."""
+    from exporters.genai import check_supported
+    from slice2deploy.sources import model_config
+
+    try:
+        check_supported(model_config(source).to_dict(), f"the {model} model")
+    except UserInputError as error:
+        return str(error)
+    return None
+
+
+def _genai_step(recipe: Recipe, model: str, precision: str) -> Step:
+    from .suite.recipe import genai_config
+
+    inputs = [] if model == "dense" else [f"slice-{model}"]
+    config = genai_config(recipe.genai, precision)
+
+    def run(tmp: Path, upstream: dict[str, dict]) -> dict:
+        from exporters.genai import GenAIQualityError, export_genai
+
+        source = _model_source(recipe, model, upstream)
+        if (why := _genai_refusal(model, source)) is not None:  # a measured outcome: GenAI cannot take this model
+            return {"status": "rejected", "reason": f"GenAI refused: {why}"}
+        try:
+            manifest = export_genai(source, tmp / "genai", config, overwrite=True)
+        except GenAIQualityError as error:
+            return {"status": "rejected", "reason": f"quality gate: {error}"}
+        gate = manifest["quality_gate"]
+        return {"status": "ok", "logits_snr_db": gate["logits_snr_db"], "perplexity_ratio": gate["perplexity_ratio"],
+                "seconds": manifest["seconds"]}
+
+    external = {"model": source_hash(recipe.model)} if model == "dense" else {}
+    return Step(f"genai-{model}-{precision}", "genai", {"model": model, **config.to_dict()}, run, inputs, external)
+
+
 def _trt_perplexity(artifact: str, recipe: Recipe) -> dict:
     """TensorRT engines are evaluated at batch 1 (their profiles' opt shape)."""
     from slice2deploy.data import load_text, token_stream
@@ -237,9 +277,10 @@ def _machine_step(recipe: Recipe) -> Step:
     return Step("machine", "machine", {"machine": described, "node": platform.node(), "device": recipe.device}, run)
 
 
-def bench_settings(recipe: Recipe) -> dict[str, Any]:
+def bench_settings(recipe: Recipe, backend: str) -> dict[str, Any]:
+    """The timing settings of ``backend``'s variants (its decode batches: those it can step)."""
     profile = recipe.profile
-    return {"prompt_lengths": profile.prompt_lengths, "decode_batches": profile.decode_batches,
+    return {"prompt_lengths": profile.prompt_lengths, "decode_batches": decode_batches(profile.decode_batches, backend),
             "decode_prompt": profile.decode_prompt, "decode_tokens": profile.decode_tokens,
             "warmup": profile.warmup, "repeats": profile.repeats, "threads": recipe.threads}
 
@@ -248,7 +289,7 @@ def _bench_step(recipe: Recipe, variant: Variant) -> Step:
     from .suite.measure import measure_in_subprocess
 
     source = artifact_step(variant)
-    settings = bench_settings(recipe)
+    settings = bench_settings(recipe, variant.backend)
 
     def run(tmp: Path, upstream: dict[str, dict]) -> dict:
         artifact, reason = _artifact(recipe, variant, upstream)
@@ -308,6 +349,8 @@ def recipe_lengths(recipe: Recipe, timing: bool = True) -> list[tuple[str, int]]
     if any(p in QUANT_MODES for p in recipe.backends.get("onnxruntime", [])):
         if recipe.quantize.get("method") == "gptq" and recipe.quantize.get("gptq_seqlen"):
             lengths.append(("quantize.gptq_seqlen", recipe.quantize["gptq_seqlen"]))
+    if "onnxruntime-genai" in recipe.backends:
+        lengths.append(("genai.gate_seqlen", recipe.genai["gate_seqlen"]))
     return lengths
 
 
@@ -326,19 +369,21 @@ def check_lengths(recipe: Recipe, timing: bool = True) -> None:
 
 
 def plan(recipe: Recipe, progress: bool = True) -> list[Step]:
-    """The ordered steps of ``recipe``: slice, eval (PyTorch), export, quantize, engine, eval, bench, report."""
+    """The ordered steps of ``recipe``: slice, eval (PyTorch), export, quantize, engine, genai, eval, bench, report."""
     chosen = variants(recipe)
     steps = [_slice_step(recipe, s, progress) for s in recipe.sparsities if s > 0]
     torch_variants = [v for v in chosen if v.backend == "pytorch"]
     steps += [_eval_step(recipe, v, progress) for v in torch_variants]
     models = [model_name(s) for s in recipe.sparsities]
-    dtypes = sorted({_export_dtype(v) for v in chosen if v.backend != "pytorch"}
-                    | ({"float32"} if any(v.backend == "tensorrt" or v.precision in QUANT_MODES for v in chosen)
+    exported = [v for v in chosen if v.backend in EXPORT_BACKENDS]
+    dtypes = sorted({_export_dtype(v) for v in exported}  # TensorRT and the quantizer start from the fp32 export
+                    | ({"float32"} if any(v.backend == "tensorrt" or v.precision in QUANT_MODES for v in exported)
                        else set()))
     steps += [_export_step(recipe, m, d) for m in models for d in dtypes]
     modes = [p for p in recipe.backends.get("onnxruntime", []) if p in QUANT_MODES]
     steps += [_quantize_step(recipe, m, mode) for m in models for mode in modes]
     steps += [_engine_step(recipe, m, p) for m in models for p in recipe.backends.get("tensorrt", [])]
+    steps += [_genai_step(recipe, m, p) for m in models for p in recipe.backends.get("onnxruntime-genai", [])]
     steps += [_eval_step(recipe, v, progress) for v in chosen if v.backend != "pytorch"]
     steps.append(_machine_step(recipe))
     steps += [_bench_step(recipe, v) for v in chosen]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,11 @@ pytest.importorskip("matplotlib")
 from exporters.ort import MANIFEST_FILE  # noqa: E402
 from exporters.quantize import QUANT_MANIFEST  # noqa: E402
 
+from .conftest import tiny_model, tiny_tokenizer  # noqa: E402
+
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+needs_genai = pytest.mark.skipif(find_spec("onnxruntime_genai") is None,
+                                 reason="onnxruntime-genai is not installed (pip install -e '.[genai]')")
 
 
 def tiny_recipe(model: Path, text: Path, /, **changes) -> dict:
@@ -168,7 +174,7 @@ def test_shipped_cpu_recipe_is_valid():
     assert recipe.model == "smollm2-135m" and recipe.profile.name == "cpu-quick" and recipe.device == "cpu"
     assert recipe.backends == {"pytorch": ["fp32"], "onnxruntime": ["fp32", "int8-dynamic", "int4"]}
     assert recipe.export == {"opset": None, "exporter": "torchscript", "attention": "fused",
-                             "attention_chunks": None}
+                             "attention_chunks": None, "decode_graph": True}
     from benchmarks.suite.recipe import quant_settings
 
     assert quant_settings(recipe.quantize, "int8-dynamic")["smooth_alpha"] == 0.8
@@ -209,6 +215,14 @@ BAD_RECIPES = [
     ({"export.attention": "fused", "export.attention_chunks": 0}, r"'export.attention_chunks' must be null"),
     ({"quantize.smooth_alpha": 1.5}, r"'quantize.smooth_alpha' must be null or a number in \(0, 1\)"),
     ({"quantize.modes": {"int8-static": {"smooth_alpha": "on"}}}, r"'quantize.modes.int8-static.smooth_alpha' must"),
+    ({"bench.backends": {"onnxruntime-genai": ["fp16"]}}, r"'bench.backends.onnxruntime-genai': precision 'fp16' is "
+     r"not possible on onnxruntime-genai \(supported: fp32, int4\); .*builds fp16 for GPUs"),
+    ({"bench.if_available": {"onnxruntime-genai": ["int8-dynamic"]}},
+     r"'bench.if_available.onnxruntime-genai': precision 'int8-dynamic' is not possible"),
+    ({"genai.blocksize": 16}, r"recipe key 'genai.blocksize' is not known"),
+    ({"genai.block_size": 48}, r"recipe section 'genai': block size 48 is not one the builder takes"),
+    ({"genai.gate_samples": 0}, r"recipe section 'genai': the quality gate needs at least 1 window"),
+    ({"genai.builder_extra": "algo_config=k_quant"}, r"recipe key 'genai.builder_extra' must be a list"),
 ]
 
 
@@ -252,3 +266,115 @@ def test_per_mode_quantize_settings():
     assert quant_settings(quantize, "int4")["weight_int8"] == ["down_proj"]
     assert quant_settings(quantize, "int8-dynamic")["weight_int8"] == []
     assert "modes" not in quant_settings(quantize, "int4")
+
+
+# -- ONNX Runtime GenAI as a pipeline backend -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gqa_llama_dir(tmp_path_factory) -> Path:
+    """A tiny Llama whose heads GenAI's CPU GroupQueryAttention takes (head_dim 16; the shared one has 8)."""
+    path = tmp_path_factory.mktemp("tiny-gqa-llama")
+    tiny_model("llama", hidden_size=64, head_dim=16).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def genai_recipe(model: Path, text: Path, /, **changes) -> dict:
+    """Dense and per-layer 25 % on PyTorch fp32 and GenAI fp32, gated on the tiny text (int4 builds the same way;
+    the quality-gate test builds one)."""
+    return tiny_recipe(model, text, **{"bench.backends": {"pytorch": ["fp32"], "onnxruntime-genai": ["fp32"]},
+                                       "genai": {"calib": str(text), "gate_seqlen": 32, "block_size": 16},
+                                       **changes})
+
+
+@pytest.fixture(scope="module")
+def genai_run(tmp_path_factory, gqa_llama_dir, tiny_text_file):
+    """The GenAI recipe through the CLI: (exit code, out, records by variant)."""
+    work = tmp_path_factory.mktemp("genai-pipeline")
+    recipe = write_recipe(work / "genai.yaml", genai_recipe(gqa_llama_dir, tiny_text_file))
+    code = main(["pipeline", str(recipe), "-o", str(work / "out")])
+    lines = (work / "out" / "report" / "results.jsonl").read_text().splitlines() if code == 0 else []
+    return code, work / "out", {r["variant"]: r for r in map(json.loads, lines)}
+
+
+@needs_genai
+def test_genai_rows_are_built_evaluated_and_benchmarked(genai_run):
+    code, out, records = genai_run
+    assert code == 0
+    assert not list(out.glob("export-*"))  # GenAI builds from the checkpoints, not from our ONNX export
+    for record in records.values():
+        assert validate_record(record) == []
+    pytorch, genai = records["dense/pytorch-cpu/fp32"], records["dense/onnxruntime-genai-cpu/fp32"]
+    assert genai["status"] == "ok" and genai["backend"] == "onnxruntime-genai" and genai["size_mb"] > 0
+    assert genai["prefill_ms"] > 0 and genai["decode_tok_s"] > 0 and genai["peak_rss_mb"] > 0
+    assert [p["prompt_tokens"] for p in genai["prefill"]] == [8, 16]
+    assert [p["batch"] for p in genai["decode"]] == [1]  # GenAI steps batch 1 only; the report's note says so
+    assert genai["eval_tokens"] == pytorch["eval_tokens"]
+    assert genai["perplexity"] == pytest.approx(pytorch["perplexity"], rel=1e-4)
+    manifest = json.loads((out / "genai-dense-fp32" / STEP_MANIFEST).read_text())
+    assert manifest["config"]["precision"] == "fp32" and manifest["config"]["block_size"] is None  # an int4 option
+    assert manifest["result"]["logits_snr_db"] > 80
+    assert (out / "genai-dense-fp32" / "genai" / "genai_config.json").is_file()
+
+
+@needs_genai
+def test_genai_refusal_of_a_per_layer_slice_is_a_rejected_row(genai_run):
+    code, out, records = genai_run
+    assert code == 0 and records["sliced-0.25/pytorch-cpu/fp32"]["status"] == "ok"
+    record = records["sliced-0.25/onnxruntime-genai-cpu/fp32"]
+    assert record["status"] == "rejected" and record["perplexity"] is None and record["prefill_ms"] is None
+    assert record["reason"].startswith("GenAI refused: the sliced-0.25 model is a per-layer slice")
+    assert "--mode uniform" in record["reason"]
+    assert not (out / "genai-sliced-0.25-fp32" / "genai").exists()
+    text = (out / "report" / "report.md").read_text()
+    assert "| sliced-0.25/onnxruntime-genai-cpu/fp32 | rejected: GenAI refused: the sliced-0.25 model" in text
+    assert "| dense/onnxruntime-genai-cpu/fp32 |" in text
+    assert "onnxruntime-genai (fp32): decode at batch 2 not measured" in text
+
+
+@needs_genai
+def test_genai_quality_gate_refusal_is_a_rejected_row(gqa_llama_dir, tiny_text_file, tmp_path):
+    recipe = write_recipe(tmp_path / "gate.yaml", genai_recipe(gqa_llama_dir, tiny_text_file, **{
+        "sparsities": [0.0], "bench.backends": {"onnxruntime-genai": ["int4"]},
+        "genai": {"calib": str(tiny_text_file), "gate_seqlen": 32, "block_size": 16, "snr_floor_db": 1000}}))
+    statuses = {s.key: s.status for s in run_pipeline(recipe, tmp_path / "out", progress=False, log=False,
+                                                      build_only=True)}
+    assert statuses == {"genai-dense-int4": "ran", "eval-dense-onnxruntime-genai-cpu-int4": "ran"}
+    manifest = json.loads((tmp_path / "out" / "genai-dense-int4" / STEP_MANIFEST).read_text())
+    assert manifest["config"]["block_size"] == 16 and manifest["result"]["status"] == "rejected"
+    result = json.loads((tmp_path / "out" / "eval-dense-onnxruntime-genai-cpu-int4" / "result.json").read_text())
+    assert result["status"] == "rejected" and "quality gate: GenAI logits SNR" in result["reason"]
+    assert "below the floor of 1000" in result["reason"]
+    assert not (tmp_path / "out" / "genai-dense-int4" / "genai").exists()
+
+
+def test_genai_without_onnxruntime_genai_is_refused_or_skipped(tiny_llama_dir, tiny_text_file, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # `import onnxruntime_genai` raises ImportError
+    with pytest.raises(UserInputError, match=r"'bench.backends.onnxruntime-genai': ONNX Runtime GenAI is not "
+                                             r"installed.*pip install 'slice2deploy\[genai\]'"):
+        validate_recipe(tiny_recipe(tiny_llama_dir, tiny_text_file, **{"bench.backends": {
+            "onnxruntime-genai": ["fp32"]}}))
+    recipe = validate_recipe(tiny_recipe(tiny_llama_dir, tiny_text_file, **{"bench.if_available": {
+        "onnxruntime-genai": ["fp32", "int4"]}}))
+    assert "onnxruntime-genai" not in recipe.backends
+    assert recipe.skipped == ["onnxruntime-genai (fp32, int4): skipped: ONNX Runtime GenAI is not installed; install "
+                              "it with: pip install -e \".[genai]\" (or pip install 'slice2deploy[genai]')"]
+
+
+def test_genai_on_a_cuda_device_is_refused(tiny_llama_dir, tiny_text_file, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the device check on a machine without GPU
+    with pytest.raises(UserInputError, match=r"'bench.backends.onnxruntime-genai': the pipeline builds and runs "
+                                             r"ONNX Runtime GenAI on CPU only \(bench.device is cuda"):
+        validate_recipe(tiny_recipe(tiny_llama_dir, tiny_text_file, **{
+            "bench.device": "cuda", "bench.backends": {"onnxruntime-genai": ["fp32"]}}))
+
+
+@needs_genai
+def test_genai_decode_batches_need_batch_1(tiny_llama_dir, tiny_text_file):
+    with pytest.raises(UserInputError, match=r"'bench.decode_batches': onnxruntime-genai steps decode batches up to "
+                                             r"1 only \(GenAI appends .*\), and \[2, 4\] has none; add 1"):
+        validate_recipe(tiny_recipe(tiny_llama_dir, tiny_text_file, **{
+            "bench.backends": {"onnxruntime-genai": ["fp32"]}, "bench.decode_batches": [2, 4]}))
+    recipe = validate_recipe(tiny_recipe(tiny_llama_dir, tiny_text_file, **{
+        "bench.backends": {"onnxruntime-genai": ["int4"]}, "bench.decode_batches": [1, 2, 4]}))
+    assert recipe.skipped == ["onnxruntime-genai (int4): decode at batch 2, 4 not measured: its runner steps batches "
+                              "up to 1 (GenAI appends tokens to a batch of more than one sequence only once)"]

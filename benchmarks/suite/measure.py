@@ -68,13 +68,13 @@ def machine_record(device: str = "cpu") -> dict[str, Any]:
 
 
 def library_versions() -> dict[str, str]:
-    """slice2deploy, torch, transformers, python, and onnx / onnxruntime / tensorrt where installed."""
+    """slice2deploy, torch, transformers, python, and onnx / onnxruntime(-genai) / tensorrt where installed."""
     from importlib import metadata
 
     from slice2deploy.checkpoint import versions
 
     found = versions()
-    for name in ("onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "numpy"):
+    for name in ("onnx", "onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "tensorrt", "numpy"):
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

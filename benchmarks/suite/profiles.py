@@ -10,8 +10,22 @@ BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {
     "pytorch": ("fp32", "fp16", "bf16"),
     "onnxruntime": ("fp32", "fp16", "int8-dynamic", "int8-static", "int4"),
     "tensorrt": ("fp16", "int8", "int4"),  # exporters.tensorrt.Precision
+    # exporters.genai.GenAIPrecision on CPU: the builder's fp16 graphs are for GPUs (GenAIExportConfig refuses them)
+    "onnxruntime-genai": ("fp32", "int4"),
 }
 QUANT_MODES = ("int8-dynamic", "int8-static", "int4")  # ONNX Runtime precisions made by exporters.quantize
+# The largest decode batch a backend steps with our own greedy choice, and why (absent: any batch).
+MAX_DECODE_BATCH: dict[str, tuple[int, str]] = {
+    # onnxruntime-genai 0.18: Generator.append_tokens takes a batch of more than one sequence only once (the prompt);
+    # later tokens of such a batch come only from GenAI's own generate_next_token loop, not from our greedy choice
+    "onnxruntime-genai": (1, "GenAI appends tokens to a batch of more than one sequence only once"),
+}
+
+
+def decode_batches(batches: list[int], backend: str) -> list[int]:
+    """The decode batches of ``batches`` that ``backend`` can step."""
+    limit = MAX_DECODE_BATCH.get(backend, (None, ""))[0]
+    return [b for b in batches if limit is None or b <= limit]
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slice2deploy.utils import UserInputError
 
-from .profiles import BACKEND_PRECISIONS, PROFILE_KEYS, BenchProfile, get_profile
+from .profiles import BACKEND_PRECISIONS, MAX_DECODE_BATCH, PROFILE_KEYS, BenchProfile, decode_batches, get_profile
+
+if TYPE_CHECKING:
+    from exporters.genai import GenAIExportConfig
 
 SECTIONS: dict[str, dict[str, Any]] = {  # section -> its keys and defaults
     "slice": {"mode": "per-layer", "refit": None, "incoherence": False, "round_to": 8, "tie": "keep", "batch_size": 8,
@@ -27,6 +30,10 @@ SECTIONS: dict[str, dict[str, Any]] = {  # section -> its keys and defaults
                  "smooth_alpha": None,  # SmoothQuant strength for the INT8 modes (null: off; int4 ignores it)
                  "modes": {}},
     "engine": {"profile": None, "workspace_mib": None, "keep_float": []},
+    # onnxruntime-genai builds (exporters.genai.GenAIExportConfig; null: the builder's defaults, block_size int4 only);
+    # the quality gate: gate_samples windows of gate_seqlen tokens of calib text against PyTorch
+    "genai": {"block_size": None, "accuracy_level": None, "calib": "builtin", "gate_samples": 4, "gate_seqlen": 128,
+              "seed": 0, "snr_floor_db": None, "max_perplexity_ratio": None, "builder_extra": []},
 }
 QUANT_CHOICES = {  # quantize key -> (allowed values, how the error message names them)
     "accuracy_level": ((None, 0, 1, 2, 3, 4), "null or 0-4"),
@@ -36,11 +43,14 @@ QUANT_CHOICES = {  # quantize key -> (allowed values, how the error message name
     "method": (("rtn", "hqq", "gptq"), "rtn, hqq or gptq"),
     "shortcuts": (("float", "weight-int8", "same"), "float, weight-int8 or same"),
 }
-TOP_KEYS = ("name", "model", "profile", "sparsities", "slice", "eval", "export", "quantize", "engine", "bench",
-            "recover")
+TOP_KEYS = ("name", "model", "profile", "sparsities", "slice", "eval", "export", "quantize", "engine", "genai",
+            "bench", "recover")
 BENCH_KEYS = (*PROFILE_KEYS, "if_available", "threads")
-PRECISION_HINT = {"int4": "INT4/INT8 run on onnxruntime or tensorrt", "int8": "tensorrt's int8 is W8A8 Q/DQ",
-                  "bf16": "bf16 runs on pytorch", "fp32": "fp32 runs on pytorch and onnxruntime"}
+PRECISION_HINT = {"int4": "INT4 runs on onnxruntime, tensorrt or onnxruntime-genai; INT8 on onnxruntime or tensorrt",
+                  "int8": "tensorrt's int8 is W8A8 Q/DQ", "bf16": "bf16 runs on pytorch",
+                  "fp16": "fp16 runs on pytorch, onnxruntime and tensorrt (onnxruntime-genai builds fp16 for GPUs; "
+                          "the pipeline runs it on CPU)",
+                  "fp32": "fp32 runs on pytorch, onnxruntime and onnxruntime-genai"}
 
 
 @dataclass
@@ -56,6 +66,7 @@ class Recipe:
     export: dict[str, Any]
     quantize: dict[str, Any]
     engine: dict[str, Any]
+    genai: dict[str, Any] = field(default_factory=lambda: dict(SECTIONS["genai"]))
     threads: int | None = None
     recover: dict[str, Any] | None = None  # recovery after slicing (slice2deploy.recover.RecoverConfig keys); None: off
     skipped: list[str] = field(default_factory=list)  # optional backends left out, with the reason
@@ -188,6 +199,23 @@ def _tensorrt_ready(device: str) -> str | None:
     return None
 
 
+def _genai_ready(device: str) -> str | None:
+    """None when ONNX Runtime GenAI can run here, else why not."""
+    from exporters.genai_runtime import require_genai
+
+    if device.startswith("cuda"):
+        return ("the pipeline builds and runs ONNX Runtime GenAI on CPU only (bench.device is cuda; GenAI's CUDA "
+                "builds need onnxruntime-genai-cuda)")
+    try:
+        require_genai()
+    except UserInputError as error:
+        return str(error)
+    return None
+
+
+READY = {"tensorrt": _tensorrt_ready, "onnxruntime-genai": _genai_ready}  # optional backends: why they cannot run
+
+
 def _check_runtimes(backends: dict[str, list[str]], device: str) -> None:
     if "onnxruntime" in backends or "tensorrt" in backends:
         from exporters.ort import require_onnx
@@ -202,24 +230,41 @@ def _check_runtimes(backends: dict[str, list[str]], device: str) -> None:
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
             raise UserInputError("recipe key 'bench.backends.onnxruntime' on bench.device cuda needs onnxruntime-gpu "
                                  "(pip install 'slice2deploy[gpu]'); this onnxruntime has no CUDAExecutionProvider")
-    if "tensorrt" in backends and (why := _tensorrt_ready(device)):
-        raise UserInputError(f"recipe key 'bench.backends.tensorrt': {why}; remove it or move it to "
-                             "bench.if_available (skipped where TensorRT is missing)")
+    for backend, ready in READY.items():
+        if backend in backends and (why := ready(device)):
+            raise UserInputError(f"recipe key 'bench.backends.{backend}': {why}; remove it or move it to "
+                                 "bench.if_available (skipped where it cannot run)")
 
 
 def _optional_backends(optional: Any, device: str) -> tuple[dict[str, list[str]], list[str]]:
-    """``bench.if_available``: backends measured where they can run, otherwise listed as skipped (TensorRT)."""
+    """``bench.if_available``: backends measured where they can run, otherwise listed as skipped (TensorRT, GenAI)."""
     if not optional:
         return {}, []
     optional = _check_backends(optional, "bench.if_available")
     usable, skipped = {}, []
     for backend, precisions in optional.items():
-        why = _tensorrt_ready(device) if backend == "tensorrt" else None
+        why = READY[backend](device) if backend in READY else None
         if why:
             skipped.append(f"{backend} ({', '.join(precisions)}): skipped: {why}")
         else:
             usable[backend] = precisions
     return usable, skipped
+
+
+def _decode_limits(backends: dict[str, list[str]], batches: list[int]) -> list[str]:
+    """Notes for the report on decode batches a backend cannot step (``MAX_DECODE_BATCH``); refuses a backend left
+    with none."""
+    notes = []
+    for backend, (limit, why) in MAX_DECODE_BATCH.items():
+        left_out = [b for b in batches if b not in decode_batches(batches, backend)]
+        if backend not in backends or not left_out:
+            continue
+        if len(left_out) == len(batches):
+            raise UserInputError(f"recipe key 'bench.decode_batches': {backend} steps decode batches up to {limit} "
+                                 f"only ({why}), and {batches} has none; add 1 to bench.decode_batches")
+        notes.append(f"{backend} ({', '.join(backends[backend])}): decode at batch {', '.join(map(str, left_out))} "
+                     f"not measured: its runner steps batches up to {limit} ({why})")
+    return notes
 
 
 def _bench_profile(data: dict) -> tuple[BenchProfile, list[str], int | None]:
@@ -238,6 +283,7 @@ def _bench_profile(data: dict) -> tuple[BenchProfile, list[str], int | None]:
     _check_positive_ints([profile.decode_prompt, profile.decode_tokens, profile.repeats], "decode_prompt/"
                          "decode_tokens/repeats")
     _check_positive_ints([profile.warmup], "warmup", minimum=0)
+    skipped += _decode_limits(backends, profile.decode_batches)
     if profile.headline_prompt not in profile.prompt_lengths:
         raise UserInputError(f"recipe key 'bench.headline_prompt': {profile.headline_prompt} is not one of "
                              f"bench.prompt_lengths {profile.prompt_lengths}")
@@ -282,6 +328,30 @@ def _check_slice_options(cfg: dict) -> None:
         raise UserInputError(f"recipe section 'slice': {error}") from error
 
 
+def genai_config(genai: dict, precision: str) -> GenAIExportConfig:
+    """The :class:`exporters.genai.GenAIExportConfig` of the ``genai`` section at ``precision`` (CPU; block size and
+    accuracy level are MatMulNBits options, so other precisions ignore them)."""
+    from exporters.genai import GenAIExportConfig
+
+    settings = {**genai, "builder_extra": tuple(genai["builder_extra"] or ())}
+    if precision != "int4":
+        settings.update(block_size=None, accuracy_level=None)
+    return GenAIExportConfig(precision=precision, provider="cpu", **settings)
+
+
+def _check_genai(section: dict) -> dict:
+    """Validate the ``genai`` section by building its config at every precision the pipeline runs on GenAI."""
+    if not isinstance(section["builder_extra"], list | tuple):
+        raise UserInputError(f"recipe key 'genai.builder_extra' must be a list of KEY=VALUE builder options, got "
+                             f"{section['builder_extra']!r}")
+    for precision in BACKEND_PRECISIONS["onnxruntime-genai"]:
+        try:
+            genai_config(section, precision)
+        except (UserInputError, ValueError, TypeError) as error:
+            raise UserInputError(f"recipe section 'genai': {error}") from error
+    return {**section, "builder_extra": list(section["builder_extra"])}
+
+
 def _check_recover(section: Any) -> dict[str, Any] | None:
     """``recover:`` (optional): RecoverConfig keys, validated by building the config (device comes from bench)."""
     from slice2deploy.recover import RecoverConfig
@@ -313,6 +383,7 @@ def validate_recipe(data: Any, path: str | None = None) -> Recipe:
     recipe = Recipe(name=name, model=model, profile=profile, sparsities=_check_sparsities(data.get("sparsities")),
                     slice=slice_cfg, eval=eval_cfg, export=_section(data, "export"),
                     quantize=_check_quant_modes(_section(data, "quantize")), engine=_section(data, "engine"),
+                    genai=_check_genai(_section(data, "genai")),
                     threads=threads, skipped=skipped, path=path, recover=_check_recover(data.get("recover")))
     _check_combinations(recipe)
     return recipe

@@ -1,7 +1,8 @@
 """The benchmark record schema (JSON Schema, draft 2020-12 subset) and a dependency-free validator for it.
 
 One record per measured variant (model x backend x device x precision). Numbers that could not be measured are
-``null`` and ``status`` says why (``rejected``: the quantizer's quality gate refused the artifact).
+``null`` and ``status`` says why (``rejected``: a quality gate refused the artifact, or GenAI refused the model;
+``reason`` says which).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ RECORD_SCHEMA: dict[str, Any] = {
         "profile": {"type": ["string", "null"]},
         "variant": {"type": "string"},
         "model": {"type": "string"},
-        "backend": {"type": "string", "enum": ["pytorch", "onnxruntime", "tensorrt"]},
+        "backend": {"type": "string", "enum": ["pytorch", "onnxruntime", "tensorrt", "onnxruntime-genai"]},
         "device": {"type": "string"},
         "precision": {"type": "string",
                       "enum": ["fp32", "fp16", "bf16", "int8", "int8-dynamic", "int8-static", "int4"]},
