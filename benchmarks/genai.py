@@ -102,29 +102,21 @@ def measure_round(name: str, directory: Path, tokens: np.ndarray, args) -> dict:
     return result
 
 
-def _rss_mb() -> float:
-    """This process's peak resident set size (MiB): Linux's VmHWM, which starts afresh at exec (``ru_maxrss`` keeps
-    the parent's peak across it)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise SystemExit("peak RSS needs Linux's /proc/self/status")
-
-
 def memory_of(directory: Path, prefill_tokens: int, decode_tokens: int) -> dict:
     """Peak RSS growth (MiB) of opening ``directory``'s runner, one prefill and the decode, in this process."""
     import onnxruntime  # noqa: F401 (loaded before the baseline, like torch)
     import torch  # noqa: F401
 
     from slice2deploy.runners import open_runner
+    from slice2deploy.utils import peak_rss_mb
 
-    before = _rss_mb()
+    before = peak_rss_mb()
     runner = open_runner(directory)
-    opened = _rss_mb()
+    opened = peak_rss_mb()
     prompt = np.arange(prefill_tokens, dtype=np.int64)[None] % 1000 + 100
     decode_tok_s(runner, prompt, decode_tokens)
     return {"rss_before_mb": round(before, 1), "rss_open_growth_mb": round(opened - before, 1),
-            "rss_peak_growth_mb": round(_rss_mb() - before, 1)}
+            "rss_peak_growth_mb": round(peak_rss_mb() - before, 1)}
 
 
 def memory_in_fresh_process(directory: Path, args) -> dict:

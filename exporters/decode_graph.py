@@ -109,13 +109,13 @@ def _attribute(node, name: str, default=None):
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
-def _head_chain(g: _Graph, rotated: str | None, heads_first: str, where: str) -> tuple[str, object | None]:
-    """Walk ``[RotaryEmbedding <-] Transpose(0,2,1,3) <- Reshape <- projection`` back from ``rotated`` (or from
-    ``heads_first`` when there is no rotary); returns (projection output, the rotary node)."""
-    rotary = g.producer(rotated, "RotaryEmbedding", where) if rotated is not None else None
+def _head_chain(g: _Graph, name: str, rotated: bool, where: str) -> tuple[str, object | None]:
+    """Walk ``[RotaryEmbedding <-] Transpose(0,2,1,3) <- Reshape <- projection`` back from ``name`` (a RotaryEmbedding
+    output when ``rotated``); returns (projection output, the rotary node or None)."""
+    rotary = g.producer(name, "RotaryEmbedding", where) if rotated else None
     if rotary is not None and (len(rotary.input) > 3 and rotary.input[3]):
         raise DecodeGraphError(f"{where}: RotaryEmbedding with position_ids is not handled")
-    transpose = g.producer(rotary.input[0] if rotary is not None else heads_first, "Transpose", where)
+    transpose = g.producer(rotary.input[0] if rotary is not None else name, "Transpose", where)
     if list(_attribute(transpose, "perm", [])) != [0, 2, 1, 3]:
         raise DecodeGraphError(f"{where}: the head transpose is not (0, 2, 1, 3)")
     reshape = g.producer(transpose.input[0], "Reshape", where)
@@ -152,9 +152,9 @@ def _match_layer(g: _Graph, index: int) -> tuple[_Layer, str, str]:
         raise DecodeGraphError(f"{where}: attention does not read the layer's own present key/value")
     if any(_attribute(attention, name) for name in ("is_causal", "softcap", "qk_matmul_output_mode")):
         raise DecodeGraphError(f"{where}: attention uses options GroupQueryAttention is not given here")
-    query, q_rotary = _head_chain(g, attention.input[0], "", where)
-    key, k_rotary = _head_chain(g, key_concat.input[1], "", where)
-    value, _ = _head_chain(g, None, value_concat.input[1], where)
+    query, q_rotary = _head_chain(g, attention.input[0], True, where)
+    key, k_rotary = _head_chain(g, key_concat.input[1], True, where)
+    value, _ = _head_chain(g, value_concat.input[1], False, where)
     transpose = g.only_consumer(anchor.output[0], "Transpose", where)
     reshape = g.only_consumer(transpose.output[0], "Reshape", where)
     # Only the nodes whose outputs the new ones redefine go here; the head reshapes, the mask and the old rotary
@@ -284,21 +284,19 @@ def build_decode_graph(model, num_heads: int):
     return decode
 
 
-def _graph_in_shared_data(directory: Path):
-    """model.onnx with its weights in ``model.onnx.data`` (converted in place if they were inside the file), loaded
-    without the weights: its initializers then point into the data file, which a second graph can point into too."""
+def _weights_in_shared_data(directory: Path, model):
+    """``model`` (directory's model.onnx, loaded without external data) with its weights in ``model.onnx.data``:
+    when they were inside the file, model.onnx is re-saved with them in the data file and reloaded. Its initializers
+    then point into the data file, which a second graph can point into too."""
     import onnx
 
-    model_path = directory / MODEL_FILE
-    model = onnx.load(str(model_path), load_external_data=False)
-    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        full = onnx.load(str(model_path))
-        scratch = directory / (MODEL_FILE + ".tmp")
-        onnx.save_model(full, str(scratch), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024)
-        scratch.replace(model_path)
-        model = onnx.load(str(model_path), load_external_data=False)
-    return model
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return model
+    model_path, scratch = directory / MODEL_FILE, directory / (MODEL_FILE + ".tmp")
+    onnx.save_model(model, str(scratch), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+    scratch.replace(model_path)
+    return onnx.load(str(model_path), load_external_data=False)
 
 
 def write_decode_graph(directory: str | Path, num_heads: int | None = None) -> dict:
@@ -318,11 +316,14 @@ def write_decode_graph(directory: str | Path, num_heads: int | None = None) -> d
         return {"written": False, "reason": "config.json has no num_attention_heads"}
     import onnx
 
+    model = onnx.load(str(directory / MODEL_FILE), load_external_data=False)
     try:
-        decode = build_decode_graph(onnx.load(str(directory / MODEL_FILE), load_external_data=False), num_heads)
+        decode = build_decode_graph(model, num_heads)
     except DecodeGraphError as error:
         return {"written": False, "reason": str(error)}
-    decode = build_decode_graph(_graph_in_shared_data(directory), num_heads)
+    references = {t.name: t for t in _weights_in_shared_data(directory, model).graph.initializer}
+    for tensor in decode.graph.initializer:  # the same tensors, as references into model.onnx.data
+        tensor.CopyFrom(references[tensor.name])
     target = directory / DECODE_FILE
     onnx.save_model(decode, str(target))  # initializers stay references into model.onnx.data
     record = {"written": True, "file": DECODE_FILE, "nodes": len(decode.graph.node), **_gate(directory)}
